@@ -1,0 +1,10 @@
+"""CogVideoX in plain PyTorch: text-, image- and video-to-video with the published checkpoints.
+
+Importing this package does no work: it only binds the public names.
+"""
+
+from .ops import set_attention_backend
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["set_attention_backend"]
