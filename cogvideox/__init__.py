@@ -4,7 +4,8 @@ Importing this package does no work: it only binds the public names.
 """
 
 from .ops import set_attention_backend
+from .transformer import Transformer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["set_attention_backend"]
+__all__ = ["Transformer", "set_attention_backend"]

@@ -8,12 +8,13 @@ from torch import nn
 
 @torch.no_grad()
 def randomize_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
-    """Give every parameter and floating buffer random values (zero- or one-initialised layers hide bugs).
+    """Give every saved tensor (parameters and persistent buffers) random values: zero- or one-initialised
+    layers hide bugs. Non-persistent buffers are computed tables (positions) and are left alone.
 
     Weights get N(0, std); norm scales get 1 + N(0, std) so activations keep a sane size.
     """
     gen = torch.Generator().manual_seed(seed)
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+    for name, tensor in module.state_dict(keep_vars=True).items():
         if not tensor.is_floating_point():
             continue
         noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32) * std

@@ -44,7 +44,9 @@ def resolve_pretrained(
         try:
             from huggingface_hub import snapshot_download
         except ImportError as err:  # pragma: no cover - huggingface_hub is a dependency
-            raise ImportError(f"loading {path_or_hub_id!r} from the hub needs huggingface_hub: pip install huggingface_hub") from err
+            raise ImportError(
+                f"loading {path_or_hub_id!r} from the hub needs huggingface_hub: pip install huggingface_hub"
+            ) from err
         patterns = list(allow_patterns or DEFAULT_ALLOW_PATTERNS)
         if subfolder:
             patterns = [f"{subfolder}/{p}" for p in patterns] + ["model_index.json"]

@@ -9,14 +9,14 @@ Every attention in the package calls :func:`attention`. Which kernel runs is cho
 - ``"flash"`` / ``"sage"``: FlashAttention 3/2 or SageAttention when installed; imported only when chosen, and a
   clear ImportError names the package to install when not.
 
-The choice is kept in a ``ContextVar`` rather than a module global, so threads and notebooks that switch
-backends do not step on one another.
+The choice is one process-wide setting, read at call time. It is a plain module variable on purpose:
+``torch.compile`` traces a read of it without a graph break (and recompiles when it changes), which a
+``ContextVar`` would not allow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Callable, Iterator
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 Backend = Callable[..., torch.Tensor]
 
-_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("cogvideox_attention_backend", default="sdpa")
+_backend_name = "sdpa"
 
 
 def attention_math(
@@ -99,27 +99,29 @@ def _check_name(name: str) -> str:
 
 
 def set_attention_backend(name: str) -> None:
-    """Choose the attention kernel for this thread / context: ``sdpa`` (default), ``math``, ``flash``, ``sage``."""
-    _BACKEND.set(_check_name(name))
+    """Choose the attention kernel for the process: ``sdpa`` (default), ``math``, ``flash``, ``sage``."""
+    global _backend_name
+    _backend_name = _check_name(name)
 
 
 def get_attention_backend() -> str:
     """The name of the attention kernel in use here."""
-    return _BACKEND.get()
+    return _backend_name
 
 
 @contextlib.contextmanager
 def use_attention_backend(name: str) -> Iterator[None]:
     """Run a block with another attention kernel, restoring the previous one after."""
-    token = _BACKEND.set(_check_name(name))
+    previous = get_attention_backend()
+    set_attention_backend(name)
     try:
         yield
     finally:
-        _BACKEND.reset(token)
+        set_attention_backend(previous)
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
     """Attention with the selected backend. q ``[B, H, Lq, D]``, k/v ``[B, H, Lk, D]`` -> ``[B, H, Lq, D]``."""
-    return BACKENDS[_BACKEND.get()](q, k, v, attn_mask=attn_mask, scale=scale)
+    return BACKENDS[_backend_name](q, k, v, attn_mask=attn_mask, scale=scale)

@@ -1,0 +1,89 @@
+"""The published ``transformer/config.json`` contents of the five CogVideoX models (reference/features.md §3.2).
+
+Used to build real-size models without weights (tests on the meta device, benchmarks with random weights).
+The library itself never limits sizes by these values: limits come from a checkpoint's own config.
+"""
+
+from __future__ import annotations
+
+from .configs import TransformerConfig, config_from_dict
+
+_COMMON = {
+    "attention_head_dim": 64,
+    "out_channels": 16,
+    "time_embed_dim": 512,
+    "text_embed_dim": 4096,
+    "patch_size": 2,
+    "temporal_compression_ratio": 4,
+    "max_text_seq_length": 226,
+    "spatial_interpolation_scale": 1.875,
+    "temporal_interpolation_scale": 1.0,
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "norm_eps": 1e-5,
+    "norm_elementwise_affine": True,
+    "timestep_activation_fn": "silu",
+    "dropout": 0.0,
+}
+
+_5B = {"num_attention_heads": 48, "num_layers": 42}
+
+# 1.5: sample_height/width 300 as written by the diffusers conversion script; see features.md §3.2 for the
+# conflicting reports. Position tables do not depend on it below the 150x150 patch grid.
+_15 = {**_5B, "sample_height": 300, "sample_width": 300, "sample_frames": 81, "patch_size_t": 2, "patch_bias": False}
+
+TRANSFORMER_CONFIGS: dict[str, dict] = {
+    "CogVideoX-2b": {
+        **_COMMON,
+        "num_attention_heads": 30,
+        "num_layers": 30,
+        "in_channels": 16,
+        "sample_height": 60,
+        "sample_width": 90,
+        "sample_frames": 49,
+        "use_rotary_positional_embeddings": False,
+    },
+    "CogVideoX-5b": {
+        **_COMMON,
+        **_5B,
+        "in_channels": 16,
+        "sample_height": 60,
+        "sample_width": 90,
+        "sample_frames": 49,
+        "use_rotary_positional_embeddings": True,
+    },
+    "CogVideoX-5b-I2V": {
+        **_COMMON,
+        **_5B,
+        "in_channels": 32,
+        "sample_height": 60,
+        "sample_width": 90,
+        "sample_frames": 49,
+        "use_rotary_positional_embeddings": True,
+        "use_learned_positional_embeddings": True,
+    },
+    "CogVideoX1.5-5B": {
+        **_COMMON,
+        **_15,
+        "in_channels": 16,
+        "use_rotary_positional_embeddings": True,
+        "use_learned_positional_embeddings": False,
+    },
+    "CogVideoX1.5-5B-I2V": {
+        **_COMMON,
+        **_15,
+        "in_channels": 32,
+        "ofs_embed_dim": 512,
+        "use_rotary_positional_embeddings": True,
+        "use_learned_positional_embeddings": False,
+    },
+}
+
+
+def transformer_config(name: str) -> TransformerConfig:
+    """The published transformer config of ``name`` (a key of :data:`TRANSFORMER_CONFIGS`)."""
+    if name not in TRANSFORMER_CONFIGS:
+        raise KeyError(f"unknown model {name!r}; known: {sorted(TRANSFORMER_CONFIGS)}")
+    return config_from_dict(TransformerConfig, TRANSFORMER_CONFIGS[name], source=name)

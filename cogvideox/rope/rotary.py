@@ -1,0 +1,101 @@
+"""3D rotary position tables for the video tokens (CogVideoX-5B, 5B-I2V and 1.5).
+
+Each attention head of size ``hd`` is split into a temporal part (``hd/4`` channels) and two spatial parts
+(``3hd/8`` each for height and width); each part rotates channel pairs by ``position * theta^(-2i/d)``.
+Positions come from one of two grids:
+
+- ``"crop"`` (CogVideoX 1.0): the latent patch grid is fitted, keeping its aspect ratio, into the training grid
+  (``sample_height/p x sample_width/p`` = 30 x 45 patches) and centred; positions are spread over that crop with
+  ``linspace``, so a smaller or larger video reuses the trained position range rather than extrapolating.
+- ``"slice"`` (CogVideoX 1.5): plain integer positions ``0..n-1`` per axis.
+
+Tables are computed in float32, as the reference does (``get_3d_rotary_pos_embed`` in diffusers' embeddings.py,
+built by the pipelines' ``_prepare_rotary_positional_embeddings``), and applied in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _crop_region(grid_h: int, grid_w: int, base_h: int, base_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Top-left and bottom-right corners of a ``grid_h x grid_w`` grid resized to fit inside ``base_h x base_w``
+    with its aspect ratio kept, centred. Python's ``round`` (half to even) is what the reference uses."""
+    if grid_h / grid_w > base_h / base_w:
+        height, width = base_h, int(round(base_h / grid_h * grid_w))
+    else:
+        width, height = base_w, int(round(base_w / grid_w * grid_h))
+    top = int(round((base_h - height) / 2.0))
+    left = int(round((base_w - width) / 2.0))
+    return (top, left), (top + height, left + width)
+
+
+def _axis_positions_crop(start: float, stop: float, n: int, device: torch.device) -> torch.Tensor:
+    # The reference spans [start, stop * (n - 1) / n] with n points: the crop's cells, left edges.
+    return torch.linspace(start, stop * (n - 1) / n, n, device=device, dtype=torch.float32)
+
+
+def _rotary_angles(dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """``[n, dim/2]`` angles ``position * theta^(-2i/dim)`` in float32."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim
+    inv_freq = 1.0 / (theta**exponents)
+    return torch.outer(positions, inv_freq)
+
+
+def rotary_tables(
+    head_dim: int,
+    frames: int,
+    height: int,
+    width: int,
+    *,
+    grid: str,
+    base_height: int,
+    base_width: int,
+    theta: float = 10000.0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for ``frames x height x width`` video patches, each ``[frames*height*width, head_dim]``
+    in float32, token order (t, h, w) as the patch embedding lays tokens out.
+
+    Args:
+        head_dim: attention head size (64 in every published model; must be a multiple of 8).
+        frames, height, width: the patch grid (latent frames / patch_size_t, latent height / p, latent width / p).
+        grid: ``"crop"`` (1.0) or ``"slice"`` (1.5); see the module docstring.
+        base_height, base_width: the training patch grid, ``sample_height // p`` and ``sample_width // p``.
+    """
+    if head_dim % 8:
+        raise ValueError(f"head_dim={head_dim}: 3D RoPE splits the head 2:3:3, so it must be a multiple of 8")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if grid == "crop":
+        (top, left), (bottom, right) = _crop_region(height, width, base_height, base_width)
+        pos_h = _axis_positions_crop(top, bottom, height, device)
+        pos_w = _axis_positions_crop(left, right, width, device)
+        pos_t = _axis_positions_crop(0, frames, frames, device)
+    elif grid == "slice":
+        # The reference slices arange(base) to the grid, so it fails past the training grid; integer positions
+        # extrapolate naturally, and the caller warns in that case.
+        pos_h = torch.arange(height, dtype=torch.float32, device=device)
+        pos_w = torch.arange(width, dtype=torch.float32, device=device)
+        pos_t = torch.arange(frames, dtype=torch.float32, device=device)
+    else:
+        raise ValueError(f"grid={grid!r}: use 'crop' (CogVideoX 1.0) or 'slice' (CogVideoX 1.5)")
+
+    dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
+    angles_t = _rotary_angles(dim_t, pos_t, theta)[:, None, None, :].expand(frames, height, width, -1)
+    angles_h = _rotary_angles(dim_hw, pos_h, theta)[None, :, None, :].expand(frames, height, width, -1)
+    angles_w = _rotary_angles(dim_hw, pos_w, theta)[None, None, :, :].expand(frames, height, width, -1)
+    angles = torch.cat([angles_t, angles_h, angles_w], dim=-1).reshape(frames * height * width, -1)
+    # Each angle rotates one interleaved channel pair (x[2i], x[2i+1]), hence the repeat_interleave.
+    angles = angles.repeat_interleave(2, dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x [B, H, S, D]`` by the tables ``cos, sin [S, D]``.
+
+    Computed in float32 and returned in ``x``'s dtype, as the reference does.
+    """
+    pairs = x.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([-odd, even], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

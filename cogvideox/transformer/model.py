@@ -1,0 +1,285 @@
+"""The CogVideoX denoising transformer (all five published variants).
+
+    latents [B, F, C, H, W], text embeddings [B, L, D_text], timestep [B] (and ofs [B] for 1.5-I2V)
+      -> patch + text embedding           video [B, S, D], text [B, L, D]   (S = F/pt * H/p * W/p)
+      -> + 3D sin-cos (2B) or learned (5B-I2V) positions; 3D RoPE inside attention (5B, 1.5)
+      -> N blocks conditioned on the time (+ ofs) embedding
+      -> final norm, adaptive norm, projection, un-patchify -> [B, F, C_out, H, W]
+
+The variant is read from the config alone: ``patch_size_t`` (1.5), ``use_rotary_positional_embeddings``,
+``use_learned_positional_embeddings`` (5B-I2V), ``ofs_embed_dim`` (1.5-I2V), ``in_channels`` (32 for I2V).
+Position tables are computed from the input shape and cached per (shape, device); callers never pass them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..configs import TransformerConfig, read_config
+from ..loading import build_on_meta, component_folder, load_weights
+from ..rope import rotary_tables, sincos_3d, timestep_sinusoids
+from .block import TransformerBlock
+from .patch import PatchEmbed
+
+logger = logging.getLogger(__name__)
+
+
+class TimestepMLP(nn.Module):
+    """``Linear -> SiLU -> Linear`` on a sinusoidal embedding; keys ``linear_1``, ``linear_2``."""
+
+    def __init__(self, in_dim: int, out_dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim, device=device, dtype=dtype)
+        self.linear_2 = nn.Linear(out_dim, out_dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class OutputNorm(nn.Module):
+    """Adaptive LayerNorm before the output projection: ``linear`` gives (shift, scale), in that order."""
+
+    def __init__(self, cond_dim: int, dim: int, *, elementwise_affine: bool, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 2 * dim, device=device, dtype=dtype)
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.linear(F.silu(temb))[:, None, :].chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class Transformer(nn.Module):
+    """CogVideoX 3D transformer. Keys and shapes are the published ``transformer/`` ones."""
+
+    def __init__(self, config: TransformerConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.inner_dim
+        factory = {"device": device, "dtype": dtype}
+        self.patch_embed = PatchEmbed(config, **factory)
+        self.time_embedding = TimestepMLP(dim, config.time_embed_dim, **factory)
+        self.ofs_embedding = (
+            TimestepMLP(config.ofs_embed_dim, config.ofs_embed_dim, **factory) if config.ofs_embed_dim else None
+        )
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(config, **factory) for _ in range(config.num_layers)])
+        self.norm_final = nn.LayerNorm(dim, config.norm_eps, config.norm_elementwise_affine, **factory)
+        self.norm_out = OutputNorm(
+            config.time_embed_dim,
+            dim,
+            elementwise_affine=config.norm_elementwise_affine,
+            eps=config.norm_eps,
+            **factory,
+        )
+        patch_volume = config.patch_size * config.patch_size * (config.patch_size_t or 1)
+        self.proj_out = nn.Linear(dim, patch_volume * config.output_channels, **factory)
+        self.gradient_checkpointing = False
+        # Position tables keyed by (kind, frames, height, width, device): plain state, rebuilt on demand.
+        self._position_cache: dict[tuple, object] = {}
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        allow_pickle: bool = False,
+        **hub_kwargs,
+    ) -> Transformer:
+        """Load from a ``transformer/`` folder, a pipeline folder that contains one, or a hub id.
+
+        Weights go straight into ``dtype`` on ``device`` (default: the file's dtype, on the CPU).
+        ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``.
+        """
+        folder = component_folder(path_or_hub_id, "transformer", **hub_kwargs)
+        config = read_config(folder, TransformerConfig)
+        model = build_on_meta(lambda: cls(config))
+        return load_weights(model, folder, dtype=dtype, device=device, allow_pickle=allow_pickle)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj_out.weight.device
+
+    # ------------------------------------------------------------------ positions
+
+    def _training_grid(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the patch grid the model was trained on, from its config."""
+        c = self.config
+        latent_frames = (c.sample_frames - 1) // c.temporal_compression_ratio + 1
+        return latent_frames, c.sample_height // c.patch_size, c.sample_width // c.patch_size
+
+    def _rotary(self, frames: int, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("rope", frames, height, width, device)
+        if key not in self._position_cache:
+            _, base_h, base_w = self._training_grid()
+            grid = "crop" if self.config.patch_size_t is None else "slice"
+            if grid == "slice" and (height > base_h or width > base_w):
+                logger.warning(
+                    "patch grid %dx%d exceeds the training grid %dx%d of sample_height/sample_width: RoPE "
+                    "positions extrapolate (the reference pipeline fails at this size)",
+                    height, width, base_h, base_w,
+                )  # fmt: skip
+            self._position_cache[key] = rotary_tables(
+                self.config.attention_head_dim, frames, height, width,
+                grid=grid, base_height=base_h, base_width=base_w, device=device,
+            )  # fmt: skip
+        return self._position_cache[key]
+
+    def _sincos(self, frames: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        key = ("sincos", frames, height, width, device)
+        if key not in self._position_cache:
+            c = self.config
+            self._position_cache[key] = sincos_3d(
+                c.inner_dim, frames, height, width,
+                spatial_interpolation_scale=c.spatial_interpolation_scale,
+                temporal_interpolation_scale=c.temporal_interpolation_scale,
+                device=device,
+            )  # fmt: skip
+        return self._position_cache[key]
+
+    def _add_absolute_positions(
+        self, text: torch.Tensor, video: torch.Tensor, grid: tuple[int, int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the 2B's sin-cos table or the 5B-I2V's learned table (text and video parts)."""
+        c = self.config
+        frames, height, width = grid
+        learned = self.patch_embed.pos_embedding
+        if learned is not None and grid == self._training_grid():
+            table = learned.to(video.dtype)
+            return text + table[:, : text.shape[1]], video + table[:, text.shape[1] :]
+        if learned is not None:
+            # The reference replaces the learned table by a sin-cos one when only the frame count differs;
+            # kept for seed parity. Quality is known to drop away from 49 frames (CogVideo #680).
+            logger.warning(
+                "%d latent frames differ from the %d this model learned positions for: using sin-cos positions, "
+                "as the reference does (expect lower quality)", frames, self._training_grid()[0],
+            )  # fmt: skip
+        if c.use_rotary_positional_embeddings and learned is None:
+            return text, video
+        # The sin-cos table is zero on text tokens, so only the video part is added.
+        return text, video + self._sincos(frames, height, width, video.device).to(video.dtype)
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_inputs(
+        self, latents: torch.Tensor, text_embeds: torch.Tensor, timestep: torch.Tensor, ofs: torch.Tensor | None
+    ) -> None:
+        c = self.config
+        p, pt = c.patch_size, c.patch_size_t or 1
+        if latents.ndim != 5:
+            raise ValueError(f"latents must be [B, F, C, H, W], got shape {tuple(latents.shape)}")
+        batch, frames, channels, height, width = latents.shape
+        if channels != c.in_channels:
+            image_to_video = c.in_channels == 2 * c.output_channels
+            hint = " (image-to-video models take noise and image latents concatenated on C)" if image_to_video else ""
+            raise ValueError(
+                f"latents have {channels} channels; this transformer takes in_channels={c.in_channels}{hint}"
+            )
+        if height % p or width % p:
+            raise ValueError(
+                f"latent height x width = {height}x{width} is not divisible by patch_size={p} "
+                f"(video height and width must be multiples of {8 * p} pixels)"
+            )
+        if frames % pt:
+            raise ValueError(
+                f"{frames} latent frames: patch_size_t={pt} needs a multiple of {pt} "
+                "(CogVideoX 1.5 pipelines pad odd latent counts by repeating the first latent frame)"
+            )
+        if text_embeds.ndim != 3 or text_embeds.shape[-1] != c.text_embed_dim:
+            raise ValueError(
+                f"text_embeds must be [B, L, {c.text_embed_dim}] (text_embed_dim), got {tuple(text_embeds.shape)}"
+            )
+        if text_embeds.shape[0] != batch:
+            raise ValueError(f"text_embeds batch {text_embeds.shape[0]} != latents batch {batch}")
+        if timestep.ndim > 1 or timestep.numel() not in (1, batch):
+            raise ValueError(f"timestep must be a scalar or [B={batch}], got shape {tuple(timestep.shape)}")
+        if self.ofs_embedding is not None and ofs is None:
+            raise ValueError(
+                "this checkpoint (CogVideoX 1.5 image-to-video) needs ofs=; the reference pipeline passes 2.0"
+            )
+        if self.ofs_embedding is None and ofs is not None:
+            raise ValueError("ofs= is only used by checkpoints with ofs_embed_dim (CogVideoX 1.5 image-to-video)")
+        if self.patch_embed.pos_embedding is not None:
+            _, base_h, base_w = self._training_grid()
+            if (height // p, width // p) != (base_h, base_w):
+                raise ValueError(
+                    f"latents of {height}x{width}: this model's learned positions cover only "
+                    f"{base_h * p}x{base_w * p} latents ({base_h * p * 8}x{base_w * p * 8} pixels); "
+                    "CogVideoX-5B-I2V cannot generate other resolutions"
+                )
+            if text_embeds.shape[1] != c.max_text_seq_length:
+                raise ValueError(
+                    f"{text_embeds.shape[1]} text tokens: learned positions cover exactly "
+                    f"max_text_seq_length={c.max_text_seq_length}"
+                )
+
+    @staticmethod
+    def _as_batch(value: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
+        value = torch.as_tensor(value, device=device)
+        return value.reshape(-1).expand(batch) if value.numel() == 1 else value
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        text_embeds: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        ofs: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Predict the model output (v for the published checkpoints).
+
+        Args:
+            latents: ``[B, F, C, H, W]`` noisy latents (I2V: noise and image latents joined on C).
+            text_embeds: ``[B, L, text_embed_dim]`` T5 encoder output.
+            timestep: ``[B]`` or a scalar, the training timestep (0..999, may be fractional).
+            ofs: 1.5-I2V only, ``[B]`` or a scalar (the pipelines use 2.0).
+        Returns:
+            ``[B, F, out_channels, H, W]`` in the model's dtype.
+        """
+        timestep = torch.as_tensor(timestep, device=latents.device)
+        ofs = None if ofs is None else torch.as_tensor(ofs, device=latents.device)
+        self._check_inputs(latents, text_embeds, timestep, ofs)
+        c = self.config
+        dtype = self.dtype
+        batch, frames, _, height, width = latents.shape
+        p, pt = c.patch_size, c.patch_size_t or 1
+        grid = (frames // pt, height // p, width // p)
+
+        t_freq = timestep_sinusoids(self._as_batch(timestep, batch, latents.device), c.inner_dim,
+                                    flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)  # fmt: skip
+        temb = self.time_embedding(t_freq.to(dtype))
+        if self.ofs_embedding is not None:
+            ofs_freq = timestep_sinusoids(self._as_batch(ofs, batch, latents.device), c.ofs_embed_dim,
+                                          flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)  # fmt: skip
+            temb = temb + self.ofs_embedding(ofs_freq.to(dtype))
+
+        video = self.patch_embed.embed_video(latents.to(dtype))
+        text = self.patch_embed.embed_text(text_embeds.to(dtype))
+        text, video = self._add_absolute_positions(text, video, grid)
+        rotary = self._rotary(*grid, latents.device) if c.use_rotary_positional_embeddings else None
+
+        for block in self.transformer_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                video, text = checkpoint(block, video, text, temb, rotary, use_reentrant=False)
+            else:
+                video, text = block(video, text, temb, rotary)
+
+        video = self.proj_out(self.norm_out(self.norm_final(video), temb))
+        return rearrange(
+            video,
+            "b (f h w) (c pt ph pw) -> b (f pt) c (h ph) (w pw)",
+            f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=p, pw=p,
+        )  # fmt: skip
