@@ -4,8 +4,15 @@ Importing this package does no work: it only binds the public names.
 """
 
 from .ops import set_attention_backend
+from .samplers import DDIMSampler, DPMSampler, make_sampler
 from .transformer import Transformer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Transformer", "set_attention_backend"]
+__all__ = [
+    "DDIMSampler",
+    "DPMSampler",
+    "Transformer",
+    "make_sampler",
+    "set_attention_backend",
+]
