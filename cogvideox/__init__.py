@@ -5,6 +5,7 @@ Importing this package does no work: it only binds the public names.
 
 from .ops import set_attention_backend
 from .samplers import DDIMSampler, DPMSampler, make_sampler
+from .text import T5Encoder, T5Tokenizer
 from .transformer import Transformer
 
 __version__ = "0.1.0.dev0"
@@ -12,6 +13,8 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "DDIMSampler",
     "DPMSampler",
+    "T5Encoder",
+    "T5Tokenizer",
     "Transformer",
     "make_sampler",
     "set_attention_backend",
