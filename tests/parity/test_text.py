@@ -17,7 +17,7 @@ import torch
 
 from cogvideox import T5Encoder, T5Tokenizer
 from cogvideox.loading import build_on_meta
-from tests.helpers import randomize_, rel_err
+from tests.helpers import randomize_, rel_err, train_t5_spiece
 
 transformers = pytest.importorskip("transformers")
 sentencepiece = pytest.importorskip("sentencepiece")
@@ -64,35 +64,12 @@ LONG_PROMPT = " ".join(CORPUS * 6)  # well over 226 tokens
 
 
 @pytest.fixture(scope="session")
-def spiece_model(tmp_path_factory) -> str:
-    """A T5-layout sentencepiece Unigram model: <pad>=0, </s>=1, <unk>=2, no <s>, one user-defined piece."""
-    prefix = tmp_path_factory.mktemp("spm") / "spiece"
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
-        model_prefix=str(prefix),
-        model_type="unigram",
-        vocab_size=300,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        user_defined_symbols=["<sep>"],
-        minloglevel=2,
-    )
-    return f"{prefix}.model"
-
-
-@pytest.fixture(scope="session")
-def tokenizer_folders(spiece_model, tmp_path_factory) -> dict[str, str]:
-    """The layouts a tokenizer can be read from."""
+def tokenizer_folders(tmp_path_factory) -> dict[str, str]:
+    """The layouts a tokenizer can be read from; the sentencepiece model has one user-defined piece."""
     root = tmp_path_factory.mktemp("tokenizers")
-    published = root / "published"
-    published.mkdir()
-    shutil.copy(spiece_model, published / "spiece.model")
-    config = {"extra_ids": EXTRA_IDS, "model_max_length": 226, "tokenizer_class": "T5Tokenizer"}
-    (published / "tokenizer_config.json").write_text(json.dumps(config))
+    published = train_t5_spiece(
+        root / "published", CORPUS * 20, vocab_size=300, extra_ids=EXTRA_IDS, user_defined_symbols=("<sep>",)
+    )
     saved = root / "saved"
     transformers.T5Tokenizer.from_pretrained(str(published)).save_pretrained(str(saved))
     assert (saved / "tokenizer.json").is_file()

@@ -15,7 +15,7 @@ from cogvideox.ops import use_attention_backend
 from cogvideox.text.t5 import _clamp_float16, read_t5_config, relative_position_buckets
 from cogvideox.text.tokenizer import split_words
 from cogvideox.text.vocab import _parse_sentencepiece
-from tests.helpers import randomize_, rel_err
+from tests.helpers import randomize_, rel_err, train_t5_spiece
 
 sentencepiece = pytest.importorskip("sentencepiece")
 
@@ -23,23 +23,8 @@ sentencepiece = pytest.importorskip("sentencepiece")
 @pytest.fixture(scope="session")
 def tokenizer_folder(tmp_path_factory):
     """A tokenizer/ folder with a tiny T5-layout sentencepiece model (<pad>=0, </s>=1, <unk>=2) and 3 sentinels."""
-    folder = tmp_path_factory.mktemp("tokenizer")
     lines = ["a quick brown fox jumps over the lazy dog", "the dog sleeps; the fox runs away, quickly!"] * 30
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=str(folder / "spiece"),
-        model_type="unigram",
-        vocab_size=60,
-        hard_vocab_limit=False,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
-    (folder / "spiece.vocab").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 3, "model_max_length": 226}))
-    return folder
+    return train_t5_spiece(tmp_path_factory.mktemp("tokenizer"), lines, vocab_size=60, extra_ids=3)
 
 
 @pytest.fixture(scope="session")
