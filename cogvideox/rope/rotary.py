@@ -90,12 +90,20 @@ def rotary_tables(
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of ``x [B, H, S, D]`` by the tables ``cos, sin [S, D]``.
+def fold_sign(sin: torch.Tensor) -> torch.Tensor:
+    """The sine table with its even channels negated, the form :func:`rotate_pairs` takes."""
+    signed = sin.clone()
+    signed[..., 0::2] = -signed[..., 0::2]
+    return signed
 
-    Computed in float32 and returned in ``x``'s dtype, as the reference does.
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate each interleaved channel pair ``(x[2i], x[2i+1])`` of ``x [..., N, H, hd]`` by the angles whose
+    cosine and (sign-folded, :func:`fold_sign`) sine are ``cos, sin_signed [N, 1, hd]``.
+
+    ``(a, b) -> (a cos - b sin, b cos + a sin)``: the reference's ``x * cos + stack(-odd, even) * sin`` with the
+    minus sign moved into the table, so the pair swap is one copy and no negation pass. The product is done in
+    float32 (the tables' dtype: bf16 inputs promote) and cast back, as the reference does.
     """
-    pairs = x.unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([-odd, even], dim=-1).flatten(-2)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin_signed).to(x.dtype)

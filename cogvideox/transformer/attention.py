@@ -4,8 +4,13 @@ Text and video tokens are projected with the same weights, normalised per head (
 rotated by 3D RoPE (video tokens only, after the q/k norm, as in the paper and the reference), and attend to one
 another jointly. The kernel is chosen by :mod:`cogvideox.ops.attention`.
 
+The caller passes the sequence already joined (``[B, L + S, D]``, text first), so each projection is one matrix
+product over all tokens rather than a small one for the 226 text tokens and a large one for the video.
+
 Keys (published): ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` (all biased except that q/k/v follow
-``attention_bias``), ``norm_q``, ``norm_k``.
+``attention_bias``), ``norm_q``, ``norm_k``. :meth:`JointAttention.fuse_qkv` replaces the three projections by
+one ``to_qkv`` (one matrix product instead of three); ``state_dict()`` still gives the published keys (views of
+the fused weight, no copy) and ``load_state_dict`` accepts them, so saving, loading and LoRA keys are unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import torch
 from torch import nn
 
 from ..ops import attention
-from ..rope import apply_rotary
+from ..rope import rotate_pairs
+
+_QKV = ("to_q", "to_k", "to_v")
 
 
 class JointAttention(nn.Module):
@@ -32,40 +39,139 @@ class JointAttention(nn.Module):
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
         factory = {"device": device, "dtype": dtype}
-        self.to_q = nn.Linear(dim, inner, bias=qkv_bias, **factory)
-        self.to_k = nn.Linear(dim, inner, bias=qkv_bias, **factory)
-        self.to_v = nn.Linear(dim, inner, bias=qkv_bias, **factory)
+        self.to_q: nn.Module | None = nn.Linear(dim, inner, bias=qkv_bias, **factory)
+        self.to_k: nn.Module | None = nn.Linear(dim, inner, bias=qkv_bias, **factory)
+        self.to_v: nn.Module | None = nn.Linear(dim, inner, bias=qkv_bias, **factory)
         self.norm_q = nn.LayerNorm(head_dim, eps=1e-6, **factory)
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6, **factory)
         # A ModuleList so that the published key is ``to_out.0`` (the reference keeps a dropout at index 1).
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=True, **factory)])
+        self.to_qkv: nn.Module | None = None
+        self.register_state_dict_post_hook(_split_fused_keys)
+        self.register_load_state_dict_pre_hook(_join_published_keys)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, L, H*hd]`` -> ``[B, H, L, hd]`` (a view)."""
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+    @property
+    def is_fused(self) -> bool:
+        return self.to_qkv is not None
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = self.norm_q(self._heads(self.to_q(x)))
-        k = self.norm_k(self._heads(self.to_k(x)))
-        return q, k, self._heads(self.to_v(x))
+    # ------------------------------------------------------------------ fused projection
 
-    def forward(
-        self,
-        text: torch.Tensor,
-        video: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """text ``[B, L, D]``, video ``[B, S, D]``, rotary (cos, sin) ``[S, hd]`` -> (text, video) outputs."""
-        q_text, k_text, v_text = self._qkv(text)
-        q_video, k_video, v_video = self._qkv(video)
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Replace ``to_q``, ``to_k``, ``to_v`` by one ``to_qkv`` holding their weights stacked (q, k, v rows).
+
+        Works layer by layer: the extra memory is one projection's weights, freed when the three go.
+        """
+        if self.is_fused:
+            return
+        parts = [getattr(self, name) for name in _QKV]
+        if not all(type(p) is nn.Linear for p in parts):
+            kinds = sorted({type(p).__name__ for p in parts})
+            raise TypeError(
+                f"fuse_qkv_projections() needs plain nn.Linear q/k/v projections, found {kinds}: fuse before "
+                "enable_fp8_weight_storage() (or any other layer swap), not after"
+            )
+        first = parts[0]
+        fused = nn.Linear(first.in_features, 3 * first.out_features, bias=first.bias is not None, device="meta")
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), first.weight.requires_grad)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), first.bias.requires_grad)
+        self.to_q = self.to_k = self.to_v = None
+        self.to_qkv = fused
+
+    @torch.no_grad()
+    def unfuse_qkv(self) -> None:
+        """Undo :meth:`fuse_qkv`: three projections again, each a copy of its rows of the fused one."""
+        if not self.is_fused:
+            return
+        fused, self.to_qkv = self.to_qkv, None
+        for index, name in enumerate(_QKV):
+            setattr(self, name, _rows_of(fused, index, 3))
+
+    # ------------------------------------------------------------------ forward
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, N, D]`` -> q, k, v, each ``[B, N, H, hd]``."""
+        heads = (self.heads, self.head_dim)
+        if self.to_qkv is not None:
+            return self.to_qkv(x).unflatten(-1, (3, *heads)).unbind(2)
+        return self.to_q(x).unflatten(-1, heads), self.to_k(x).unflatten(-1, heads), self.to_v(x).unflatten(-1, heads)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x ``[B, L + S, D]`` (text tokens first); rotary (cos, signed sin) ``[L + S, 1, hd]`` float32 tables that
+        leave text rows unrotated (cos 1, sin 0) -> ``[B, L + S, D]``."""
+        q, k, v = self._project(x)
+        q, k = self.norm_q(q), self.norm_k(k)
         if rotary is not None:
-            cos, sin = rotary
-            q_video = apply_rotary(q_video, cos, sin)
-            k_video = apply_rotary(k_video, cos, sin)
-        q = torch.cat([q_text, q_video], dim=2)
-        k = torch.cat([k_text, k_video], dim=2)
-        v = torch.cat([v_text, v_video], dim=2)
-        out = attention(q, k, v).transpose(1, 2).flatten(2)  # [B, L+S, H*hd]
-        out = self.to_out[0](out)
-        text_len = text.shape[1]
-        return out[:, :text_len], out[:, text_len:]
+            cos, sin_signed = rotary
+            q, k = rotate_pairs(q, cos, sin_signed), rotate_pairs(k, cos, sin_signed)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, N, hd]
+        # SDPA kernels lay their output out as [B, N, H, hd], so this flatten is usually a view.
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+def _rows_of(fused: nn.Module, index: int, parts: int) -> nn.Module:
+    """A module of the same kind holding rows ``index`` of ``parts`` equal row blocks of every tensor of
+    ``fused`` (weight, bias and any per-row scale): cloned, so the fused tensors can be freed."""
+    clone = _empty_like(fused, fused.out_features // parts)
+    for name, tensor in [*fused.named_parameters(recurse=False), *fused.named_buffers(recurse=False)]:
+        piece = tensor.detach().chunk(parts, dim=0)[index].clone()
+        if name in clone._parameters:
+            setattr(clone, name, nn.Parameter(piece, tensor.requires_grad))
+        else:
+            clone.register_buffer(name, piece)
+    return clone
+
+
+def _empty_like(module: nn.Module, out_features: int) -> nn.Module:
+    """An unfilled module of ``module``'s class with ``out_features`` rows, on the meta device."""
+    has_bias = getattr(module, "bias", None) is not None
+    with torch.device("meta"):
+        return type(module)(module.in_features, out_features, bias=has_bias)
+
+
+def _split_fused_keys(module: JointAttention, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post hook: publish ``to_qkv.*`` as ``to_q.*``, ``to_k.*``, ``to_v.*`` in the published order.
+
+    The pieces are contiguous row views of the fused tensors (no copy; safetensors accepts such
+    non-overlapping views). This module's keys are the last ones in ``state_dict`` when the hook runs, so they
+    can be re-inserted in order.
+    """
+    if not module.is_fused:
+        return
+    fused_prefix = prefix + "to_qkv."
+    mine = [(key, state_dict.pop(key)) for key in [k for k in state_dict if k.startswith(prefix)]]
+    for key, tensor in mine:  # q, k, v first, as an unfused module lists them
+        if key.startswith(fused_prefix):
+            leaf = key[len(fused_prefix) :]
+            for name, piece in zip(_QKV, tensor.chunk(3, dim=0), strict=True):
+                state_dict[f"{prefix}{name}.{leaf}"] = piece
+    for name in _QKV:  # group by projection: to_q.weight, to_q.bias, to_k.weight, ...
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{name}.")]:
+            state_dict[key] = state_dict.pop(key)
+    for key, tensor in mine:
+        if not key.startswith(fused_prefix):
+            state_dict[key] = tensor
+
+
+def _join_published_keys(
+    module: JointAttention, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, errors
+) -> None:
+    """Load pre hook: a fused module takes the published ``to_q/k/v.*`` keys by stacking them into ``to_qkv.*``.
+
+    All three of a tensor must arrive in one call; shard-by-shard loading (``load_weights``) cannot promise that,
+    which is why models are fused after loading.
+    """
+    if not module.is_fused:
+        return
+    published = tuple(f"{prefix}{name}." for name in _QKV)
+    leaves = sorted({k[len(prefix) :].split(".", 1)[1] for k in state_dict if k.startswith(published)})
+    for leaf in leaves:
+        keys = [f"{prefix}{name}.{leaf}" for name in _QKV]
+        present = [k for k in keys if k in state_dict]
+        if len(present) != 3:
+            raise ValueError(
+                f"{prefix}to_qkv is fused but this state dict has only {present} of {keys}: load q, k and v "
+                "together, or load into the unfused model and call fuse_qkv_projections() after"
+            )
+        state_dict[f"{prefix}to_qkv.{leaf}"] = torch.cat([state_dict.pop(k) for k in keys])

@@ -4,10 +4,13 @@ The paper's "expert adaptive LayerNorm" conditions text and video tokens on the 
 shift / scale / gate vectors (six vectors per norm: three for video, three for text) while sharing the LayerNorm
 itself, so the two modalities live in one sequence without sharing modulation.
 
-    (x, c) = LN-mod(video, text)        # norm1
-    video += gate_v * Attn(x, c)_video;  text += gate_t * Attn(x, c)_text
-    (x, c) = LN-mod(video, text)        # norm2
-    video += gate_v' * FF(x);            text += gate_t' * FF(c)
+    h = [LN-mod(text); LN-mod(video)]       # norm1, joined text first
+    text += gate_t * Attn(h)_text;  video += gate_v * Attn(h)_video
+    h = [LN-mod(text); LN-mod(video)]       # norm2
+    text += gate_t' * FF(h)_text;   video += gate_v' * FF(h)_video
+
+The residual streams stay separate (each modality has its own gate); only the normalised input of attention and
+feed-forward is joined, so each of their matrix products runs once over all tokens, as in the reference.
 
 Keys (published): ``norm1.{linear,norm}``, ``attn1.*``, ``norm2.{linear,norm}``, ``ff.net.0.proj``, ``ff.net.2``.
 """
@@ -38,14 +41,20 @@ class ExpertAdaLayerNorm(nn.Module):
 
     def forward(
         self, video: torch.Tensor, text: torch.Tensor, temb: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """video ``[B, S, D]``, text ``[B, L, D]``, temb ``[B, cond]`` ->
-        (modulated video, modulated text, video gate ``[B, 1, D]``, text gate ``[B, 1, D]``)."""
+        (modulated [text; video] ``[B, L + S, D]``, video gate ``[B, 1, D]``, text gate ``[B, 1, D]``)."""
         mod = self.linear(F.silu(temb))[:, None, :]  # [B, 1, 6D]
         shift, scale, gate, text_shift, text_scale, text_gate = mod.chunk(6, dim=-1)
-        video = self.norm(video) * (1 + scale) + shift
-        text = self.norm(text) * (1 + text_scale) + text_shift
-        return video, text, gate, text_gate
+        # norm(x) * (1 + scale) + shift, as one addcmul pass per modality.
+        joined = torch.cat(
+            [
+                torch.addcmul(text_shift, self.norm(text), 1 + text_scale),
+                torch.addcmul(shift, self.norm(video), 1 + scale),
+            ],
+            dim=1,
+        )
+        return joined, gate, text_gate
 
 
 class FeedForward(nn.Module):
@@ -82,15 +91,17 @@ class TransformerBlock(nn.Module):
         temb: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """video ``[B, S, D]``, text ``[B, L, D]``, temb ``[B, time_embed_dim]`` -> updated (video, text)."""
-        x, c, gate, text_gate = self.norm1(video, text, temb)
-        attn_text, attn_video = self.attn1(c, x, rotary)
-        video = video + gate * attn_video
-        text = text + text_gate * attn_text
+        """video ``[B, S, D]``, text ``[B, L, D]``, temb ``[B, time_embed_dim]``, rotary tables
+        ``[L + S, 1, hd]`` (see :func:`~cogvideox.rope.rotate_pairs`) -> updated (video, text)."""
+        text_len = text.shape[1]
+        joined, gate, text_gate = self.norm1(video, text, temb)
+        out = self.attn1(joined, rotary)
+        # x + gate * f(x) as one addcmul pass; the slices of ``out`` are views.
+        text = torch.addcmul(text, text_gate, out[:, :text_len])
+        video = torch.addcmul(video, gate, out[:, text_len:])
 
-        x, c, gate, text_gate = self.norm2(video, text, temb)
-        # The reference runs the feed-forward on [text; video] joined; it is token-wise, so running it on each
-        # part gives the same values without building the joined copy.
-        video = video + gate * self.ff(x)
-        text = text + text_gate * self.ff(c)
+        joined, gate, text_gate = self.norm2(video, text, temb)
+        out = self.ff(joined)
+        text = torch.addcmul(text, text_gate, out[:, :text_len])
+        video = torch.addcmul(video, gate, out[:, text_len:])
         return video, text

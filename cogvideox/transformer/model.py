@@ -9,6 +9,9 @@
 The variant is read from the config alone: ``patch_size_t`` (1.5), ``use_rotary_positional_embeddings``,
 ``use_learned_positional_embeddings`` (5B-I2V), ``ofs_embed_dim`` (1.5-I2V), ``in_channels`` (32 for I2V).
 Position tables are computed from the input shape and cached per (shape, device); callers never pass them.
+The forward pass never reads a device value on the host (no ``.item()``, no branch on values, no per-call host
+tensors), so it compiles whole with ``fullgraph=True``. Opt-in switches: :meth:`Transformer.fuse_qkv_projections`
+and :meth:`Transformer.enable_fp8_weight_storage` (costs and measurements in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..configs import TransformerConfig, read_config
 from ..loading import build_on_meta, component_folder, load_weights
-from ..rope import rotary_tables, sincos_3d, timestep_sinusoids
+from ..ops.fp8 import linears_to_fp8_
+from ..rope import fold_sign, rotary_tables, sincos_3d, timestep_sinusoids
 from .block import TransformerBlock
 from .patch import PatchEmbed
 
@@ -106,6 +110,43 @@ class Transformer(nn.Module):
         model = build_on_meta(lambda: cls(config))
         return load_weights(model, folder, dtype=dtype, device=device, allow_pickle=allow_pickle)
 
+    # ------------------------------------------------------------------ speed and memory switches
+
+    def fuse_qkv_projections(self) -> None:
+        """Run each block's q, k and v projections as one matrix product (``attn1.to_qkv``).
+
+        Call it after loading (loading goes shard by shard, and one block's q/k/v may sit in different shards).
+        It works one block at a time, so it never holds a second copy of the model. Results are bitwise those
+        of the unfused model in float32 on the CPU; ``state_dict()`` still gives the published ``to_q/k/v`` keys.
+        """
+        for block in self.transformer_blocks:
+            block.attn1.fuse_qkv()
+
+    def unfuse_qkv_projections(self) -> None:
+        """Undo :meth:`fuse_qkv_projections`."""
+        for block in self.transformer_blocks:
+            block.attn1.unfuse_qkv()
+
+    def enable_fp8_weight_storage(self, *, modulation: bool = True) -> list[str]:
+        """Keep the blocks' linear weights in float8_e4m3fn with a per-row power-of-two scale, cast to the
+        compute dtype when each layer runs (see :mod:`cogvideox.ops.fp8`). One way: reload to undo.
+
+        Quantized: attention q/k/v (or fused qkv) and output, the feed-forward; with ``modulation=True`` also
+        the blocks' adaptive-norm projections (``norm1/norm2.linear``, 14 % of the 5B's weights). Kept in the
+        compute dtype: norms, patch, text, time and position embeddings, the final norm and ``proj_out``.
+        Weight memory falls from 2 bytes to about 1 per quantized weight. ``state_dict()`` then holds fp8
+        ``weight`` and int8 ``weight_exponent`` keys, not the published bf16 weights. Returns the layer names.
+        """
+
+        def include(name: str, layer: nn.Linear) -> bool:
+            return modulation or not name.endswith(("norm1.linear", "norm2.linear"))
+
+        return [
+            f"transformer_blocks.{index}.{name}"
+            for index, block in enumerate(self.transformer_blocks)
+            for name in linears_to_fp8_(block, include)
+        ]
+
     @property
     def dtype(self) -> torch.dtype:
         return self.proj_out.weight.dtype
@@ -122,8 +163,14 @@ class Transformer(nn.Module):
         latent_frames = (c.sample_frames - 1) // c.temporal_compression_ratio + 1
         return latent_frames, c.sample_height // c.patch_size, c.sample_width // c.patch_size
 
-    def _rotary(self, frames: int, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("rope", frames, height, width, device)
+    def _rotary(
+        self, text_len: int, frames: int, height: int, width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) ``[text_len + S, 1, hd]`` float32 tables for :func:`rotate_pairs`: identity rows
+        (cos 1, sin 0) for the text tokens, which the reference leaves unrotated, then the video's 3D RoPE.
+        Padding the text rows lets attention rotate the joined sequence instead of slicing and re-joining it;
+        the identity is exact (``x * 1 + y * 0 == x``)."""
+        key = ("rope", text_len, frames, height, width, device)
         if key not in self._position_cache:
             _, base_h, base_w = self._training_grid()
             grid = "crop" if self.config.patch_size_t is None else "slice"
@@ -133,10 +180,14 @@ class Transformer(nn.Module):
                     "positions extrapolate (the reference pipeline fails at this size)",
                     height, width, base_h, base_w,
                 )  # fmt: skip
-            self._position_cache[key] = rotary_tables(
+            cos, sin = rotary_tables(
                 self.config.attention_head_dim, frames, height, width,
                 grid=grid, base_height=base_h, base_width=base_w, device=device,
             )  # fmt: skip
+            sin = fold_sign(sin)  # rotate_pairs takes the minus sign of the rotation from the table
+            cos = torch.cat([cos.new_ones(text_len, cos.shape[1]), cos])
+            sin = torch.cat([sin.new_zeros(text_len, sin.shape[1]), sin])
+            self._position_cache[key] = (cos[:, None, :], sin[:, None, :])
         return self._position_cache[key]
 
     def _sincos(self, frames: int, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -228,8 +279,15 @@ class Transformer(nn.Module):
                 )
 
     @staticmethod
-    def _as_batch(value: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
-        value = torch.as_tensor(value, device=device)
+    def _on_device(value: torch.Tensor | float | int, device: torch.device) -> torch.Tensor:
+        """A timestep (or ofs) as a tensor on ``device`` without waiting for the device: a Python number is
+        written by a fill kernel (no host-to-device copy); a host tensor is copied asynchronously."""
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        return torch.full((), float(value), device=device)
+
+    @staticmethod
+    def _as_batch(value: torch.Tensor, batch: int) -> torch.Tensor:
         return value.reshape(-1).expand(batch) if value.numel() == 1 else value
 
     def forward(
@@ -249,8 +307,8 @@ class Transformer(nn.Module):
         Returns:
             ``[B, F, out_channels, H, W]`` in the model's dtype.
         """
-        timestep = torch.as_tensor(timestep, device=latents.device)
-        ofs = None if ofs is None else torch.as_tensor(ofs, device=latents.device)
+        timestep = self._on_device(timestep, latents.device)
+        ofs = None if ofs is None else self._on_device(ofs, latents.device)
         self._check_inputs(latents, text_embeds, timestep, ofs)
         c = self.config
         dtype = self.dtype
@@ -258,18 +316,18 @@ class Transformer(nn.Module):
         p, pt = c.patch_size, c.patch_size_t or 1
         grid = (frames // pt, height // p, width // p)
 
-        t_freq = timestep_sinusoids(self._as_batch(timestep, batch, latents.device), c.inner_dim,
+        t_freq = timestep_sinusoids(self._as_batch(timestep, batch), c.inner_dim,
                                     flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)  # fmt: skip
         temb = self.time_embedding(t_freq.to(dtype))
         if self.ofs_embedding is not None:
-            ofs_freq = timestep_sinusoids(self._as_batch(ofs, batch, latents.device), c.ofs_embed_dim,
+            ofs_freq = timestep_sinusoids(self._as_batch(ofs, batch), c.ofs_embed_dim,
                                           flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)  # fmt: skip
             temb = temb + self.ofs_embedding(ofs_freq.to(dtype))
 
         video = self.patch_embed.embed_video(latents.to(dtype))
         text = self.patch_embed.embed_text(text_embeds.to(dtype))
         text, video = self._add_absolute_positions(text, video, grid)
-        rotary = self._rotary(*grid, latents.device) if c.use_rotary_positional_embeddings else None
+        rotary = self._rotary(text.shape[1], *grid, latents.device) if c.use_rotary_positional_embeddings else None
 
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
