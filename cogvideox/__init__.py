@@ -7,6 +7,7 @@ from .ops import set_attention_backend
 from .samplers import DDIMSampler, DPMSampler, make_sampler
 from .text import T5Encoder, T5Tokenizer
 from .transformer import Transformer
+from .vae import VAE
 
 __version__ = "0.1.0.dev0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "T5Encoder",
     "T5Tokenizer",
     "Transformer",
+    "VAE",
     "make_sampler",
     "set_attention_backend",
 ]
