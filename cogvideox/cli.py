@@ -1,0 +1,127 @@
+"""The ``cogvideox`` command line (also ``python -m cogvideox``): the only argparse in the package.
+
+    cogvideox generate --model THUDM/CogVideoX-5b --prompt "A steam train crosses a stone viaduct" --output train.mp4
+
+Options follow the official ``inference/cli_demo.py`` (its underscore spellings are accepted too), plus
+``--sampler``, ``--device`` and the VAE memory switches. Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _option(parser: argparse.ArgumentParser, *names: str, **kwargs) -> None:
+    """An option under its dashed name and the official demo's underscored one."""
+    spellings = list(names) + ["--" + n[2:].replace("-", "_") for n in names if "-" in n[2:]]
+    parser.add_argument(*dict.fromkeys(spellings), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogvideox", description="CogVideoX video generation in plain PyTorch")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate a video from a prompt (and an image or a video)")
+    _option(gen, "--prompt", required=True, help="what the video shows")
+    _option(gen, "--negative-prompt", default=None, help="what it should not show")
+    _option(gen, "--model", "--model-path", dest="model", required=True, help="local folder or hub id")
+    _option(gen, "--image-or-video-path", "--image", "--video", dest="input_path", default=None,
+            help="conditioning image (image-to-video checkpoints) or input video (video-to-video)")  # fmt: skip
+    _option(gen, "--generate-type", choices=("t2v", "i2v", "v2v"), default=None,
+            help="default: i2v for image-to-video checkpoints, v2v when a video is given, else t2v")  # fmt: skip
+    _option(gen, "--output", "--output-path", dest="output", default="output.mp4", help=".mp4, .gif or .webp")
+    _option(gen, "--guidance-scale", type=float, default=6.0)
+    _option(gen, "--num-inference-steps", type=int, default=50)
+    _option(gen, "--num-frames", type=int, default=None, help="default: 49 (1.0) or 81 (1.5)")
+    _option(gen, "--width", type=int, default=None)
+    _option(gen, "--height", type=int, default=None)
+    _option(gen, "--fps", type=int, default=None, help="default: 8 (1.0) or 16 (1.5)")
+    _option(gen, "--num-videos-per-prompt", type=int, default=1)
+    _option(gen, "--strength", type=float, default=0.8, help="video-to-video: how much to change the input")
+    _option(gen, "--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    _option(gen, "--device", default=None, help="default: cuda when available, else cpu")
+    _option(gen, "--seed", type=int, default=42)
+    _option(gen, "--max-sequence-length", type=int, default=226, help="prompt tokens (226 for every published model)")
+    _option(gen, "--sampler", choices=("ddim", "dpm"), default=None, help="default: the checkpoint's scheduler")
+    _option(gen, "--timestep-spacing", choices=("trailing", "leading", "linspace"), default=None)
+    _option(gen, "--dynamic-cfg", dest="dynamic_cfg", action=argparse.BooleanOptionalAction, default=True,
+            help="dynamic classifier-free guidance, as the official demo (default on)")  # fmt: skip
+    _option(gen, "--vae-tiling", action=argparse.BooleanOptionalAction, default=True,
+            help="decode in overlapping tiles (less memory, default on)")  # fmt: skip
+    _option(gen, "--vae-slicing", action=argparse.BooleanOptionalAction, default=True,
+            help="decode one video of the batch at a time (default on)")  # fmt: skip
+    _option(gen, "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+
+
+def generate(args: argparse.Namespace) -> list[Path]:
+    """Run one generation from parsed arguments; returns the written paths."""
+    import torch
+
+    from .io import VIDEO_SUFFIXES, load_image, load_video, save_video
+    from .pipeline import Pipeline
+    from .request import default_fps
+
+    output = Path(args.output)
+    if output.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"--output {output}: use one of {', '.join(VIDEO_SUFFIXES)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    overrides = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
+    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=device, sampler=args.sampler, **overrides)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+    if args.vae_slicing:
+        pipe.vae.enable_slicing()
+
+    kind = args.generate_type or ("i2v" if pipe.image_to_video else "v2v" if args.input_path else "t2v")
+    if kind in ("i2v", "v2v") and not args.input_path:
+        raise ValueError(f"--generate-type {kind} needs --image-or-video-path")
+    if kind == "t2v" and args.input_path:
+        raise ValueError("--image-or-video-path is for i2v or v2v; drop it, or set --generate-type")
+    conditioning = {}
+    if kind == "i2v":
+        conditioning["image"] = load_image(args.input_path)
+    elif kind == "v2v":
+        conditioning.update(video=load_video(args.input_path), strength=args.strength)
+    result = pipe(
+        args.prompt, args.negative_prompt, **conditioning, num_frames=args.num_frames, height=args.height,
+        width=args.width, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        use_dynamic_cfg=args.dynamic_cfg, num_videos_per_prompt=args.num_videos_per_prompt,
+        generator=torch.Generator().manual_seed(args.seed), max_sequence_length=args.max_sequence_length,
+        output_type="np",
+    )  # fmt: skip
+    fps = args.fps or default_fps(pipe.transformer.config)
+    paths = _output_paths(output, len(result.frames))
+    for frames, path in zip(result.frames, paths, strict=True):
+        save_video(frames, path, fps=fps)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        paths = generate(args)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, OSError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"cogvideox: error: {message}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

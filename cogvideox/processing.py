@@ -1,0 +1,63 @@
+"""Pixels in and out of the pipeline: resizing and normalising inputs, turning decoded videos into outputs.
+
+Inputs are resized with Pillow's Lanczos filter to exactly ``width x height`` (no crop, aspect not kept) and mapped
+to [-1, 1], as diffusers' ``VaeImageProcessor`` does for the CogVideoX pipelines, so the same image gives the same
+latents. Outputs map [-1, 1] back to [0, 1] (clamped) in the layout each ``output_type`` promises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .io import load_image
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+def to_pil(image: Any) -> Image.Image:
+    """A PIL image from a path, a PIL image (any mode), a uint8 / [0, 1] float array ``[H, W, 3]``, or a torch
+    tensor ``[3, H, W]`` / ``[H, W, 3]`` in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+            image = image.permute(1, 2, 0)
+        image = image.float().numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (1, 3):
+            raise ValueError(f"an image array must be [H, W, 3], got shape {image.shape}")
+        if image.dtype != np.uint8:
+            image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        image = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+    return load_image(image)
+
+
+def image_to_tensor(image: Any, height: int, width: int) -> torch.Tensor:
+    """One image -> ``[3, height, width]`` float32 in [-1, 1]."""
+    resized = to_pil(image).resize((width, height), resample=Image.Resampling.LANCZOS)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
+
+
+def video_to_tensor(frames: Sequence[Any], height: int, width: int) -> torch.Tensor:
+    """One video (a sequence of frames) -> ``[3, F, height, width]`` float32 in [-1, 1]."""
+    return torch.stack([image_to_tensor(frame, height, width) for frame in frames], dim=1)
+
+
+def postprocess_video(video: torch.Tensor, output_type: str) -> Any:
+    """Decoded ``[B, 3, F, H, W]`` in [-1, 1] -> ``np`` ``[B, F, H, W, 3]`` float32 in [0, 1], ``pt``
+    ``[B, F, 3, H, W]`` in [0, 1], or ``pil`` (a list per video of PIL frames)."""
+    if output_type not in ("np", "pt", "pil"):
+        raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
+    video = (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # [B, F, 3, H, W]
+    if output_type == "pt":
+        return video
+    array = video.permute(0, 1, 3, 4, 2).cpu().numpy()  # [B, F, H, W, 3]
+    if output_type == "np":
+        return array
+    uint8 = (array * 255).round().astype(np.uint8)
+    return [[Image.fromarray(frame) for frame in clip] for clip in uint8]
