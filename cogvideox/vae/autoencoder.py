@@ -94,8 +94,10 @@ class VAE(nn.Module):
     def from_pretrained(
         cls,
         path_or_hub_id: str | Path,
+        *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        allow_pickle: bool = False,
         **hub_kwargs,
     ) -> VAE:
         """Load ``vae/`` of a pipeline folder or hub id, or a VAE folder itself (config.json + safetensors).
@@ -104,12 +106,13 @@ class VAE(nn.Module):
             dtype: floating weights are cast to it; None keeps the file's dtype (the published VAE is float32
                 for 5B and 1.5). bfloat16 or float16 need a GPU to run.
             device: where the weights go; default CPU.
+            allow_pickle: accept ``.bin``/``.pt`` weights, read with ``torch.load(weights_only=True)``.
             hub_kwargs: passed to the hub download (revision, cache_dir, local_files_only).
         """
         folder = component_folder(path_or_hub_id, "vae", **hub_kwargs)
         config = read_config(folder, VAEConfig)
         model = build_on_meta(lambda: cls(config))
-        return load_weights(model, folder, dtype=dtype, device=device)
+        return load_weights(model, folder, dtype=dtype, device=device, allow_pickle=allow_pickle)
 
     # ---------------------------------------------------------------------------------------------- settings
     @property

@@ -120,8 +120,10 @@ def test_truncation_warning_quotes_the_dropped_text_as_the_pipeline_does(tokeniz
     removed = ref.batch_decode(untruncated[:, max_length - 1 : -1])[0]
     with caplog.at_level(logging.WARNING, logger="cogvideox.text.tokenizer"):
         ours([LONG_PROMPT], max_length=max_length)
-    assert len(caplog.records) == 1
-    assert repr(removed) in caplog.records[0].getMessage()
+    # Only our logger: transformers warns once per process about the long input above, in whichever test is first.
+    ours_records = [r for r in caplog.records if r.name == "cogvideox.text.tokenizer"]
+    assert len(ours_records) == 1
+    assert repr(removed) in ours_records[0].getMessage()
 
 
 # ----------------------------------------------------------------------------------------------- encoder
