@@ -8,6 +8,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# A tiny transformer config (2 heads of 16, 2 layers, 6x10 latents, 7 text tokens) shared by the transformer tests.
+TINY_TRANSFORMER = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "num_layers": 2,
+    "text_embed_dim": 12,
+    "time_embed_dim": 24,
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_height": 6,
+    "sample_width": 10,
+    "sample_frames": 9,  # 3 latent frames
+    "max_text_seq_length": 7,
+}
+
 
 @torch.no_grad()
 def randomize_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:

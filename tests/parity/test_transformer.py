@@ -13,25 +13,13 @@ import pytest
 import torch
 
 from cogvideox import Transformer
-from tests.helpers import randomize_, rel_err
+from tests.helpers import TINY_TRANSFORMER, randomize_, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel  # noqa: E402
 
 TEXT_DIM, TEXT_LEN = 12, 7
-BASE = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 16,
-    "num_layers": 2,
-    "text_embed_dim": TEXT_DIM,
-    "time_embed_dim": 24,
-    "in_channels": 4,
-    "out_channels": 4,
-    "sample_height": 6,
-    "sample_width": 10,
-    "sample_frames": 9,  # 3 latent frames
-    "max_text_seq_length": TEXT_LEN,
-}
+BASE = TINY_TRANSFORMER
 ROPE = {"use_rotary_positional_embeddings": True}
 V15 = {**ROPE, "patch_size_t": 2, "patch_bias": False, "sample_height": 12, "sample_width": 16, "sample_frames": 17}
 VARIANTS = {

@@ -16,21 +16,9 @@ from cogvideox import Transformer
 from cogvideox.configs import TransformerConfig, config_to_dict
 from cogvideox.ops.fp8 import FP8, Fp8Linear, quantize_rows, weight_bytes
 from cogvideox.presets import transformer_config
-from tests.helpers import randomize_, rel_err
+from tests.helpers import TINY_TRANSFORMER, randomize_, rel_err
 
-TINY = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 16,
-    "num_layers": 2,
-    "text_embed_dim": 12,
-    "time_embed_dim": 24,
-    "in_channels": 4,
-    "out_channels": 4,
-    "sample_height": 6,
-    "sample_width": 10,
-    "sample_frames": 9,
-    "max_text_seq_length": 7,
-}
+TINY = TINY_TRANSFORMER
 ROPE = {"use_rotary_positional_embeddings": True}
 VARIANTS = {"2b": {}, "5b": ROPE, "1.5-i2v": {**ROPE, "patch_size_t": 2, "in_channels": 8, "ofs_embed_dim": 24}}
 

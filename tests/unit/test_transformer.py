@@ -8,21 +8,9 @@ import torch
 from cogvideox import Transformer
 from cogvideox.configs import TransformerConfig
 from cogvideox.ops import use_attention_backend
-from tests.helpers import randomize_, rel_err
+from tests.helpers import TINY_TRANSFORMER, randomize_, rel_err
 
-TINY = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 16,
-    "num_layers": 2,
-    "text_embed_dim": 12,
-    "time_embed_dim": 24,
-    "in_channels": 4,
-    "out_channels": 4,
-    "sample_height": 6,
-    "sample_width": 10,
-    "sample_frames": 9,
-    "max_text_seq_length": 7,
-}
+TINY = TINY_TRANSFORMER
 
 
 def make(**overrides) -> Transformer:
