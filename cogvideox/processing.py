@@ -1,8 +1,11 @@
 """Pixels in and out of the pipeline: resizing and normalising inputs, turning decoded videos into outputs.
 
-Inputs are resized with Pillow's Lanczos filter to exactly ``width x height`` (no crop, aspect not kept) and mapped
-to [-1, 1], as diffusers' ``VaeImageProcessor`` does for the CogVideoX pipelines, so the same image gives the same
-latents. Outputs map [-1, 1] back to [0, 1] (clamped) in the layout each ``output_type`` promises.
+Inputs are resized to exactly ``width x height`` (no crop, aspect not kept) and mapped to [-1, 1] as diffusers'
+``VaeImageProcessor`` does for the CogVideoX pipelines, so the same input gives the same latents:
+- PIL images, paths and uint8 arrays: Pillow's Lanczos filter, then ``x / 255 * 2 - 1``;
+- float tensors and arrays (values in [0, 1], or already in [-1, 1]): nearest-neighbour ``F.interpolate``, then
+  ``2x - 1`` unless some value is negative (then they are taken as already normalised), as the reference does.
+Outputs map [-1, 1] back to [0, 1] (clamped) in the layout each ``output_type`` promises.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .io import load_image
@@ -19,14 +23,25 @@ from .io import load_image
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
-def to_pil(image: Any) -> Image.Image:
-    """A PIL image from a path, a PIL image (any mode), a uint8 / [0, 1] float array ``[H, W, 3]``, or a torch
-    tensor ``[3, H, W]`` / ``[H, W, 3]`` in [0, 1]."""
+def _channels_last(image: torch.Tensor) -> torch.Tensor:
+    """A torch image ``[3, H, W]`` (the usual torch layout) or ``[H, W, 3]`` as ``[H, W, 3]``."""
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+        return image.permute(1, 2, 0)
+    return image
+
+
+def _is_float_pixels(image: Any) -> bool:
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu()
-        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
-            image = image.permute(1, 2, 0)
-        image = image.float().numpy()
+        return image.is_floating_point()
+    return isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating)
+
+
+def to_pil(image: Any) -> Image.Image:
+    """A PIL image from a path, a PIL image (any mode), a uint8 or [0, 1] float array ``[H, W, 3]``, or a torch
+    tensor ``[3, H, W]`` / ``[H, W, 3]`` (uint8, or floats in [0, 1])."""
+    if isinstance(image, torch.Tensor):
+        image = _channels_last(image.detach().cpu())
+        image = image.numpy() if image.dtype == torch.uint8 else image.float().numpy()
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (1, 3):
             raise ValueError(f"an image array must be [H, W, 3], got shape {image.shape}")
@@ -37,7 +52,12 @@ def to_pil(image: Any) -> Image.Image:
 
 
 def image_to_tensor(image: Any, height: int, width: int) -> torch.Tensor:
-    """One image -> ``[3, height, width]`` float32 in [-1, 1]."""
+    """One image -> ``[3, height, width]`` float32 in [-1, 1] (see the module docstring for the two paths)."""
+    if _is_float_pixels(image):
+        pixels = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
+        pixels = _channels_last(pixels.detach().cpu().float()).permute(2, 0, 1)  # [3, H, W]
+        pixels = F.interpolate(pixels[None], size=(height, width))[0]  # nearest, as the reference resizes tensors
+        return pixels if pixels.min() < 0 else pixels * 2.0 - 1.0
     resized = to_pil(image).resize((width, height), resample=Image.Resampling.LANCZOS)
     array = np.asarray(resized, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0

@@ -93,7 +93,7 @@ def check_size(height: int, width: int, config: TransformerConfig) -> None:
         if (height, width) != trained:
             raise ValueError(
                 f"height x width = {height}x{width}: this checkpoint (CogVideoX-5B-I2V) has learned positions for "
-                f"{trained[0]}x{trained[1]} only; resize the image instead"
+                f"{trained[0]}x{trained[1]} only; omit height= and width= (the image is resized to that size)"
             )
     if not is_v15(config) and (height, width) != (config.sample_height * 8, config.sample_width * 8):
         logger.warning(

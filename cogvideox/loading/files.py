@@ -21,8 +21,14 @@ PICKLE_INDEX_SUFFIX = ".bin.index.json"
 
 
 def _is_variant(path: Path) -> bool:
-    """``diffusion_pytorch_model.fp16.safetensors`` is a precision variant of the plain file."""
-    return len(path.name.split(".")) > 2
+    """``diffusion_pytorch_model.fp16.safetensors`` (or ``....fp16.safetensors.index.json``) is a precision variant
+    of the plain file: a dot is left in the name once the weight suffix is removed."""
+    name = path.name
+    for suffix in (SAFETENSORS_INDEX_SUFFIX, PICKLE_INDEX_SUFFIX, ".safetensors", *PICKLE_SUFFIXES):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return "." in name
 
 
 def _files_from_index(index_path: Path) -> list[Path]:

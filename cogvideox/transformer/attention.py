@@ -68,8 +68,8 @@ class JointAttention(nn.Module):
         if not all(type(p) is nn.Linear for p in parts):
             kinds = sorted({type(p).__name__ for p in parts})
             raise TypeError(
-                f"fuse_qkv_projections() needs plain nn.Linear q/k/v projections, found {kinds}: fuse before "
-                "enable_fp8_weight_storage() (or any other layer swap), not after"
+                f"fuse_qkv_projections() needs plain nn.Linear q/k/v projections, found {kinds}: fuse q/k/v "
+                "first, then load LoRA adapters or enable fp8 weight storage (or unload_lora() before fusing)"
             )
         first = parts[0]
         fused = nn.Linear(first.in_features, 3 * first.out_features, bias=first.bias is not None, device="meta")

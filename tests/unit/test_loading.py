@@ -150,6 +150,16 @@ def test_precision_variants_do_not_confuse_the_plain_file(tmp_path):
         find_weight_files(tmp_path)
 
 
+def test_precision_variant_indexes_do_not_confuse_the_plain_index(tmp_path):
+    write_sharded(tmp_path, tiny_state())
+    variant = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    (tmp_path / "model.fp16.safetensors.index.json").write_text(json.dumps(variant))
+    assert [p.name for p in find_weight_files(tmp_path)] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+
+
 def test_config_defaults_unknown_keys_and_round_trip(tmp_path, caplog):
     data = {"_class_name": "CogVideoXTransformer3DModel", "num_layers": 3, "new_key": 1, "sample_frames": 81}
     with caplog.at_level(logging.WARNING):
