@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import request
 from .loading import resolve_pretrained
+from .memory import MemoryPlan
 from .processing import OUTPUT_TYPES, image_to_tensor, postprocess_video, to_pil, video_to_tensor
 from .samplers import Sampler, SamplerState, classifier_free_guidance, dynamic_guidance_scale, make_sampler, randn
 from .text import T5Encoder, T5Tokenizer
@@ -83,6 +84,7 @@ class Pipeline:
         self.image_to_video = inferred if image_to_video is None else image_to_video
         self.progress_bar_config: dict[str, Any] = {}
         self._interrupt = False
+        self.memory = MemoryPlan()
 
     # ------------------------------------------------------------------------------------------------ building
 
@@ -132,13 +134,38 @@ class Pipeline:
         ``set_sampler("dpm", timestep_spacing="trailing")``."""
         self.sampler = make_sampler(self.sampler.config, kind=kind, **overrides)
 
+    # ---------------------------------------------------------------------------------------- memory plan
+
+    def enable_model_cpu_offload(self, device: torch.device | str = "cuda") -> None:
+        """Keep the components in host memory; each moves to ``device`` while it runs (the text encoder leaves
+        right after encoding, the transformer stays for the denoising loop, the VAE comes in to encode/decode).
+        Exact; costs one host-device copy of each component per call. See docs/performance.md."""
+        self.memory.enable(self, "model", device)
+
+    def enable_sequential_cpu_offload(self, device: torch.device | str = "cuda") -> None:
+        """As :meth:`enable_model_cpu_offload`, and the transformer's and text encoder's blocks stream from pinned
+        host memory one at a time, the next block's copy overlapping the current block's compute. Exact; lowest
+        memory. See :mod:`cogvideox.offload`."""
+        self.memory.enable(self, "sequential", device)
+
+    def disable_cpu_offload(self) -> None:
+        """Remove the offload hooks; the components stay in host memory (move them with ``.to(device)``)."""
+        self.memory.disable()
+
+    def set_vae_memory_budget(self, budget_bytes: int | None = None, *, auto_tiling: bool = True) -> None:
+        """The memory the VAE decode may use before it switches to tiles (default None: the free device memory on
+        CUDA, no limit elsewhere); ``auto_tiling=False`` never tiles on its own (``vae.enable_tiling()`` still
+        does)."""
+        self.memory.vae_memory_budget = budget_bytes
+        self.memory.auto_vae_tiling = auto_tiling
+
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """tqdm options for the denoising loop, e.g. ``disable=True``."""
         self.progress_bar_config = dict(kwargs)
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return self.memory.execution_device(self.transformer.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -203,12 +230,16 @@ class Pipeline:
     def _encode_pixels(self, pixels: torch.Tensor, generator) -> torch.Tensor:
         """``[3, F, H, W]`` in [-1, 1] -> unscaled latents ``[1, F', C, H/8, W/8]``, sampled with ``generator``
         exactly as the reference does (one encode per batch element, in order)."""
+        self.memory.activate("vae")
         posterior = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype))
         return posterior.sample(generator=generator).to(self.device, self.dtype).permute(0, 2, 1, 3, 4)
 
     def _image_latents(self, images: list, height: int, width: int, num_latent_frames: int, generator) -> torch.Tensor:
         """I2V conditioning ``[len(images), num_latent_frames, C, h, w]``: the encoded image, then zero frames."""
-        encoded = [self._encode_pixels(image_to_tensor(img, height, width)[:, None], generator) for img in images]
+        encoded = [
+            self._encode_pixels(image_to_tensor(img, height, width)[:, None], _nth(generator, index))
+            for index, img in enumerate(images)
+        ]
         latents = torch.cat(encoded)
         factor = self.vae.scaling_factor
         # 1.5 divides by the factor: "the CogVideoX team forgot to multiply during training" (reference pipeline).
@@ -285,14 +316,24 @@ class Pipeline:
                 "black frames in float16; use dtype=torch.bfloat16 (or float32)"
             )
 
+        if (
+            self.vae.dtype == torch.float16
+            and self.device.type == "cpu"
+            and (mode.name != "t2v" or output_type != "latent")
+        ):
+            raise ValueError(
+                "float16 on the CPU: the VAE cannot run in half precision there; use dtype=torch.float32 (or "
+                "bfloat16) on the CPU, or a GPU"
+            )
+        num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        if images is not None and len(images) not in (1, num_prompts):
+            raise ValueError(f"{len(images)} images for {num_prompts} prompts: give one image, or one per prompt")
+
         do_cfg = guidance_scale > 1.0
         positive, negative = self.encode_prompt(
             prompts, negative_prompt, do_classifier_free_guidance=do_cfg, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length,
         )  # fmt: skip
-        num_prompts = positive.shape[0]
-        if images is not None and len(images) not in (1, num_prompts):
-            raise ValueError(f"{len(images)} images for {num_prompts} prompts: give one image, or one per prompt")
         # Videos per prompt are adjacent: [p0, p0, p1, p1] (the reference forces num_videos_per_prompt to 1).
         positive = positive.repeat_interleave(num_videos_per_prompt, dim=0)
         negative = None if negative is None else negative.repeat_interleave(num_videos_per_prompt, dim=0)
@@ -320,7 +361,7 @@ class Pipeline:
                 raise ValueError(f"latents of shape {tuple(latents.shape)}: this call needs {shape}")
             latents = latents.to(device, dtype)
         elif mode.name == "v2v":
-            encoded = self._encode_pixels(video_to_tensor(video_frames, height, width), generator)
+            encoded = self._encode_pixels(video_to_tensor(video_frames, height, width), _nth(generator, 0))
             encoded = self.vae.scaling_factor * encoded
             if pad_frames:  # the reference refuses odd latent counts for 1.5; we pad as 1.5 t2v does
                 encoded = torch.cat([encoded[:, :1].expand(-1, pad_frames, -1, -1, -1), encoded], dim=1)
@@ -337,46 +378,51 @@ class Pipeline:
         first_nonfinite = torch.full((), -1, device=device)
         self._interrupt = False
         progress = tqdm(total=len(timesteps_host), **{"desc": "denoising", **self.progress_bar_config})
-        for i, t in enumerate(timesteps_host):
-            if self._interrupt:
-                break
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
-            model_input = sampler.scale_model_input(model_input, t)
-            if image_latents is not None:
-                condition = torch.cat([image_latents, image_latents]) if do_cfg else image_latents
-                model_input = torch.cat([model_input, condition], dim=2)
-            prediction = self.transformer(model_input, embeds, timesteps[i].expand(model_input.shape[0]), ofs=ofs)
-            prediction = prediction.float()
-            if do_cfg:
-                scale = dynamic_guidance_scale(guidance_scale, t, num_steps) if use_dynamic_cfg else guidance_scale
-                uncond, cond = prediction.chunk(2)
-                prediction = classifier_free_guidance(uncond, cond, scale)
-            result = sampler.step(prediction, t, latents, state, generator=generator, eta=eta)
-            latents, state = result.prev_sample.to(dtype), result.state
+        try:
+            for i, t in enumerate(timesteps_host):
+                if self._interrupt:
+                    break
+                model_input = torch.cat([latents, latents]) if do_cfg else latents
+                model_input = sampler.scale_model_input(model_input, t)
+                if image_latents is not None:
+                    condition = torch.cat([image_latents, image_latents]) if do_cfg else image_latents
+                    model_input = torch.cat([model_input, condition], dim=2)
+                prediction = self.transformer(model_input, embeds, timesteps[i].expand(model_input.shape[0]), ofs=ofs)
+                prediction = prediction.float()
+                if do_cfg:
+                    scale = dynamic_guidance_scale(guidance_scale, t, num_steps) if use_dynamic_cfg else guidance_scale
+                    uncond, cond = prediction.chunk(2)
+                    prediction = classifier_free_guidance(uncond, cond, scale)
+                result = sampler.step(prediction, t, latents, state, generator=generator, eta=eta)
+                latents, state = result.prev_sample.to(dtype), result.state
 
-            # Finite check without a host sync per step: remember the first bad step, look every few steps.
-            bad = ~torch.isfinite(latents).all()
-            first_nonfinite = torch.where(bad & (first_nonfinite < 0), i, first_nonfinite)
-            if (i + 1) % NAN_CHECK_EVERY == 0 or i == len(timesteps_host) - 1:
-                self._raise_if_nonfinite(first_nonfinite, timesteps_host)
+                # Finite check without a host sync per step: remember the first bad step, look every few steps.
+                bad = ~torch.isfinite(latents).all()
+                first_nonfinite = torch.where(bad & (first_nonfinite < 0), i, first_nonfinite)
+                if (i + 1) % NAN_CHECK_EVERY == 0 or i == len(timesteps_host) - 1:
+                    self._raise_if_nonfinite(first_nonfinite, timesteps_host)
 
-            if callback_on_step_end is not None:
-                tensors = {"latents": latents, "prompt_embeds": positive, "negative_prompt_embeds": negative}
-                outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-                outputs = outputs or {}
-                latents = outputs.get("latents", latents)
-                if "prompt_embeds" in outputs or "negative_prompt_embeds" in outputs:
-                    positive = outputs.get("prompt_embeds", positive)
-                    negative = outputs.get("negative_prompt_embeds", negative)
-                    embeds = torch.cat([negative, positive]) if do_cfg else positive
-            progress.update()
-        progress.close()
-        self._raise_if_nonfinite(first_nonfinite, timesteps_host)
+                if callback_on_step_end is not None:
+                    # As diffusers: the timestep as a tensor, and prompt_embeds is the batch the transformer sees
+                    # ([negative; positive] under guidance); returning it replaces that batch.
+                    tensors = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": negative}
+                    chosen = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, timesteps[i], chosen) or {}
+                    latents = outputs.get("latents", latents)
+                    embeds = outputs.get("prompt_embeds", embeds)
+                    if do_cfg and "negative_prompt_embeds" in outputs:
+                        negative = outputs["negative_prompt_embeds"]
+                        embeds = torch.cat([negative, embeds[negative.shape[0] :]])
+                progress.update()
+            self._raise_if_nonfinite(first_nonfinite, timesteps_host)
 
-        if output_type == "latent":
-            frames = latents
-        else:
-            frames = postprocess_video(self.decode_latents(latents[:, pad_frames:]), output_type)
+            if output_type == "latent":
+                frames = latents
+            else:
+                frames = postprocess_video(self.decode_latents(latents[:, pad_frames:]), output_type)
+        finally:
+            progress.close()
+            self.memory.release()  # components go back to the host even when a step fails
         return PipelineOutput(frames=frames) if return_dict else (frames,)
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -385,7 +431,14 @@ class Pipeline:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Model latents ``[B, F', C, h, w]`` -> video ``[B, 3, F, H, W]`` in about [-1, 1]."""
         z = (1 / self.vae.scaling_factor) * latents.permute(0, 2, 1, 3, 4)
-        return self.vae.decode(z.to(self.vae.device, self.vae.dtype))
+        self.memory.activate("vae")
+        if not self.memory.decode_needs_tiling(self.vae, tuple(z.shape), self.vae.device):
+            return self.vae.decode(z.to(self.vae.device, self.vae.dtype))
+        self.vae.enable_tiling()
+        try:
+            return self.vae.decode(z.to(self.vae.device, self.vae.dtype))
+        finally:
+            self.vae.disable_tiling()
 
     @staticmethod
     def _video_frames(video: Any, num_frames: int | None) -> list:
@@ -412,3 +465,8 @@ class Pipeline:
                 f"the latents became NaN or infinite at step {step} (timestep {timesteps[step]}); in float16 this "
                 "is a known failure of CogVideoX 5B / 1.5: use dtype=torch.bfloat16 or torch.float32"
             )
+
+
+def _nth(generator: torch.Generator | list[torch.Generator] | None, index: int) -> torch.Generator | None:
+    """The generator for batch element ``index``: the reference encodes image i with ``generator[i]``."""
+    return generator[min(index, len(generator) - 1)] if isinstance(generator, (list, tuple)) else generator

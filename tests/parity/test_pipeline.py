@@ -77,6 +77,16 @@ def test_batch_of_two_prompts_with_dynamic_guidance(pipes):
     assert_same(out, run(ref, **kwargs))
 
 
+def test_one_generator_per_video(pipes):
+    name, ref, ours = pipes
+    kwargs = {"prompt": PROMPTS, "num_inference_steps": 2, "num_frames": frames_for(name), "output_type": "np"}
+    kwargs.update(max_sequence_length=TEXT_LEN, height=32, width=48)
+    if name.endswith("i2v"):
+        kwargs["image"] = random_frames(2, 48, 32, seed=4)  # image i is encoded with generator i, as the reference
+    expected = ref(generator=[gen(1), gen(2)], **kwargs).frames
+    assert_same(ours(generator=[gen(1), gen(2)], **kwargs).frames, expected)
+
+
 def test_fifty_steps_without_guidance(pipes):
     name, ref, ours = pipes
     if name != "2b":

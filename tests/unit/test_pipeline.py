@@ -82,6 +82,19 @@ def test_bad_input_is_refused_before_any_model_runs(t2v, kwargs, error, message,
         t2v(**call)
 
 
+def test_image_count_and_cpu_float16_are_checked_before_any_model(i2v, checkpoints, monkeypatch):
+    def fail(*args, **kw):
+        raise AssertionError("a model ran before the input was checked")
+
+    monkeypatch.setattr(i2v.text_encoder, "forward", fail)
+    with pytest.raises(ValueError, match="2 images for 1 prompts"):
+        i2v("a red circle", image=[IMAGE, IMAGE], **SMALL)
+    half = Pipeline.from_pretrained(checkpoints["5b"], dtype=torch.float16)
+    monkeypatch.setattr(half.text_encoder, "forward", fail)
+    with pytest.raises(ValueError, match="float16 on the CPU: the VAE cannot run in half precision there"):
+        half("a red circle", **SMALL)
+
+
 def test_image_to_video_checkpoints_need_an_image_and_a_size_they_cover(i2v):
     with pytest.raises(ValueError, match="this is an image-to-video checkpoint: pass image="):
         i2v("a red circle", **SMALL)
@@ -91,8 +104,6 @@ def test_image_to_video_checkpoints_need_an_image_and_a_size_they_cover(i2v):
         ValueError, match="max_sequence_length=226: this checkpoint.s learned positions cover exactly 16"
     ):
         i2v("a red circle", image=IMAGE, **{**SMALL, "max_sequence_length": 226})
-    with pytest.raises(ValueError, match="2 images for 1 prompts"):
-        i2v("a red circle", image=[IMAGE, IMAGE], **SMALL)
 
 
 def test_num_videos_per_prompt_gives_that_many_different_videos(t2v):
@@ -109,12 +120,15 @@ def test_callback_reads_replaces_latents_and_stops(t2v):
     seen = []
 
     def callback(pipe, step, timestep, tensors):
+        assert isinstance(timestep, torch.Tensor) and timestep.ndim == 0  # diffusers passes a tensor too
+        assert tensors["prompt_embeds"].shape[0] == 2  # the [negative; positive] batch the transformer sees
         seen.append((step, timestep, tuple(tensors["latents"].shape)))
         if step == 1:
             pipe.interrupt = True
         return {"latents": torch.zeros_like(tensors["latents"])}
 
     out = t2v("a red circle", generator=gen(), output_type="latent", callback_on_step_end=callback,
+              callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
               **{**SMALL, "num_inference_steps": 5})  # fmt: skip
     assert [s for s, _, _ in seen] == [0, 1]  # stopped after the second step
     assert seen[0][2] == (1, 3, 4, 4, 6)

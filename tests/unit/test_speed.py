@@ -146,7 +146,9 @@ def test_fp8_layers_unfuse_exactly_and_refuse_to_fuse():
         model.unfuse_qkv_projections()  # splits the fp8 rows and their exponents
         assert isinstance(model.transformer_blocks[0].attn1.to_k, Fp8Linear)
         assert torch.equal(model(*args), expected)
-    with pytest.raises(TypeError, match=r"found \['Fp8Linear'\]: fuse q/k/v first, then load LoRA adapters or enable fp8"):
+    with pytest.raises(
+        TypeError, match=r"found \['Fp8Linear'\]: fuse q/k/v first, then load LoRA adapters or enable fp8"
+    ):
         model.fuse_qkv_projections()
 
 
