@@ -54,7 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
             help="decode in overlapping tiles (less memory, default on)")  # fmt: skip
     _option(gen, "--vae-slicing", action=argparse.BooleanOptionalAction, default=True,
             help="decode one video of the batch at a time (default on)")  # fmt: skip
+    _option(gen, "--lora", action="append", default=[], metavar="PATH",
+            help="LoRA adapter (file, folder or hub id; diffusers or SAT layout); repeat for several")  # fmt: skip
+    _option(gen, "--lora-scale", type=float, action="append", default=[],
+            help="weight of each --lora (one for all, or one per --lora; default 1.0)")  # fmt: skip
     _option(gen, "--quiet", action="store_true", help="no progress bar")
+    sat = commands.add_parser("convert-sat", help="convert original SAT checkpoints to the published folder layout")
+    sat.add_argument("input", help="SAT transformer checkpoint (mp_rank_00_model_states.pt)")
+    sat.add_argument("output", help="new folder to write (transformer/, and vae/ with --vae)")
+    _option(sat, "--config", required=True,
+            help="transformer config: a published name (e.g. CogVideoX-5b) or a config.json path")  # fmt: skip
+    _option(sat, "--vae", default=None, help="SAT VAE checkpoint (3d-vae.pt) to convert too")
+    _option(sat, "--vae-config", default=None, help="VAE config.json path (default: the CogVideoX VAE)")
+    _option(sat, "--dtype", choices=DTYPES, default=None, help="store the weights in this dtype")
     return parser
 
 
@@ -62,6 +74,17 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
     return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+
+
+def _load_loras(pipe, paths: list[str], scales: list[float]) -> None:
+    """Load each ``--lora`` with its ``--lora-scale`` (one scale for all, or one per adapter)."""
+    if scales and not paths:
+        raise ValueError("--lora-scale needs --lora")
+    if len(scales) not in (0, 1, len(paths)):
+        raise ValueError(f"{len(paths)} --lora but {len(scales)} --lora-scale: give one scale, or one per --lora")
+    for index, path in enumerate(paths):
+        scale = scales[index] if len(scales) == len(paths) else (scales[0] if scales else 1.0)
+        pipe.load_lora(path, adapter_name=f"lora_{index}", scale=scale)
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
@@ -80,6 +103,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     overrides = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
     pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=device, sampler=args.sampler, **overrides)
     pipe.set_progress_bar_config(disable=args.quiet)
+    _load_loras(pipe, args.lora, args.lora_scale)
     if args.vae_tiling:
         pipe.vae.enable_tiling()
     if args.vae_slicing:
@@ -109,11 +133,31 @@ def generate(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+def convert_sat_command(args: argparse.Namespace) -> list[Path]:
+    """``cogvideox convert-sat IN OUT --config NAME|config.json [--vae 3d-vae.pt]``; returns [OUT]."""
+    import json
+
+    import torch
+
+    from .loading.sat import convert_sat
+    from .presets import TRANSFORMER_CONFIGS
+
+    def read(path_or_name: str) -> dict:
+        if path_or_name in TRANSFORMER_CONFIGS:
+            return dict(TRANSFORMER_CONFIGS[path_or_name])
+        return json.loads(Path(path_or_name).read_text(encoding="utf-8"))
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    vae_config = read(args.vae_config) if args.vae_config else None
+    return [convert_sat(args.input, args.output, transformer_config=read(args.config), vae_checkpoint=args.vae,
+                        vae_config=vae_config, dtype=dtype)]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        paths = generate(args)
+        paths = convert_sat_command(args) if args.command == "convert-sat" else generate(args)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, OSError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"cogvideox: error: {message}", file=sys.stderr)

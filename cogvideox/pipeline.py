@@ -466,6 +466,43 @@ class Pipeline:
                 "is a known failure of CogVideoX 5B / 1.5: use dtype=torch.bfloat16 or torch.float32"
             )
 
+    # ------------------------------------------------------------------------------------------------ LoRA
+
+    def load_lora(
+        self, path_or_hub_id: str | Path, adapter_name: str | None = None, scale: float = 1.0, **kwargs: Any
+    ) -> str:
+        """Load a transformer LoRA (diffusers/peft or SAT layout) and activate it with weight ``scale``; returns
+        its name. ``kwargs``: ``allow_pickle``, ``revision``, ``cache_dir``. See :mod:`cogvideox.lora`."""
+        from . import lora
+
+        return lora.load_lora(self.transformer, path_or_hub_id, adapter_name, scale, **kwargs)
+
+    def set_adapters(
+        self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None
+    ) -> None:
+        """Make exactly these adapters active, with these weights (diffusers' ``set_adapters``)."""
+        from . import lora
+
+        lora.set_adapters(self.transformer, adapter_names, adapter_weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Add the active adapters into the transformer's weights (undo with :meth:`unfuse_lora`)."""
+        from . import lora
+
+        lora.fuse_lora(self.transformer, lora_scale)
+
+    def unfuse_lora(self) -> None:
+        """Restore the weights saved by :meth:`fuse_lora`, bit for bit."""
+        from . import lora
+
+        lora.unfuse_lora(self.transformer)
+
+    def unload_lora(self) -> None:
+        """Remove every adapter (fused ones stay in the weights: unfuse first to drop them)."""
+        from . import lora
+
+        lora.unload_lora(self.transformer)
+
 
 def _nth(generator: torch.Generator | list[torch.Generator] | None, index: int) -> torch.Generator | None:
     """The generator for batch element ``index``: the reference encodes image i with ``generator[i]``."""
