@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(gen, "--timestep-spacing", choices=("trailing", "leading", "linspace"), default=None)
     _option(gen, "--dynamic-cfg", dest="dynamic_cfg", action=argparse.BooleanOptionalAction, default=True,
             help="dynamic classifier-free guidance, as the official demo (default on)")  # fmt: skip
+    _option(gen, "--offload", choices=("none", "model", "sequential"), default="none",
+            help="keep weights in host memory: 'model' moves one component at a time to the device, "
+                 "'sequential' streams transformer blocks (least memory)")  # fmt: skip
     _option(gen, "--vae-tiling", action=argparse.BooleanOptionalAction, default=True,
             help="decode in overlapping tiles (less memory, default on)")  # fmt: skip
     _option(gen, "--vae-slicing", action=argparse.BooleanOptionalAction, default=True,
@@ -101,9 +104,15 @@ def generate(args: argparse.Namespace) -> list[Path]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     overrides = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
-    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=device, sampler=args.sampler, **overrides)
+    # With offload the weights wait in host memory: load them there, never onto the device as a whole.
+    load_device = "cpu" if args.offload != "none" else device
+    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=load_device, sampler=args.sampler, **overrides)
     pipe.set_progress_bar_config(disable=args.quiet)
-    _load_loras(pipe, args.lora, args.lora_scale)
+    _load_loras(pipe, args.lora, args.lora_scale)  # before offload: the block streamer records each block's tensors
+    if args.offload == "model":
+        pipe.enable_model_cpu_offload(device)
+    elif args.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device)
     if args.vae_tiling:
         pipe.vae.enable_tiling()
     if args.vae_slicing:

@@ -224,3 +224,12 @@ def test_float16_with_a_bfloat16_model_warns(checkpoints, caplog, monkeypatch):
     with caplog.at_level(logging.WARNING), pytest.raises(Stop):
         pipe("a red circle", output_type="latent", **SMALL)
     assert "float16 with a CogVideoX 5B / 1.5 model" in caplog.text and "use dtype=torch.bfloat16" in caplog.text
+
+
+def test_cli_model_offload_on_the_cpu_gives_the_same_video(checkpoints, tmp_path):
+    common = ["generate", "--model", str(checkpoints["5b"]), "--prompt", "a red circle", "--num-inference-steps", "2",
+              "--num-frames", "9", "--height", "32", "--width", "48", "--max-sequence-length", str(TEXT_LEN),
+              "--device", "cpu", "--quiet", "--no-vae-tiling"]  # fmt: skip
+    assert cli.main([*common, "--output", str(tmp_path / "plain.gif")]) == 0
+    assert cli.main([*common, "--output", str(tmp_path / "offload.gif"), "--offload", "model"]) == 0
+    assert (tmp_path / "plain.gif").read_bytes() == (tmp_path / "offload.gif").read_bytes()
