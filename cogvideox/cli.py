@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         paths = convert_sat_command(args) if args.command == "convert-sat" else generate(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, OSError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, OSError, RuntimeError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"cogvideox: error: {message}", file=sys.stderr)
         return 2
