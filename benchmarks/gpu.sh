@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark set in one go (about 8 minutes on one H100 80GB), most important first:
-#   1. e2e.py     whole 5B pipeline, 49x480x720 bf16, 4 steps, no offload / model offload / sequential offload
+#   1. e2e.py     whole 5B pipeline, 49x480x720 bf16, 4 steps, no offload / text-encoder offload / model offload / sequential offload
 #   2. step.py    one guided 5B step at 49x480x720 bf16, ours vs diffusers, eager
 #   3. vae.py     VAE decode of 49x480x720, ours vs diffusers, tiled and untiled
 #   4. load.py    loading a 5B checkpoint (random weights, published shards) onto the GPU, ours vs diffusers

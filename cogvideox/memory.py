@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 # covers what that meter cannot see: kernel scratch (cuDNN convolution work space) and allocator fragmentation.
 VAE_DECODE_FACTOR = 9.9
 VAE_DECODE_MARGIN = 1.25
-OFFLOAD_MODES = (None, "model", "sequential")
+OFFLOAD_MODES = (None, "text", "model", "sequential")
 # Default decode budget under sequential offload: the 5B/1.5 decode in 240x360 tiles needs ~2.4 GiB (bf16), so the
 # whole generation stays under the 6 GB goal of issue 7; the untiled 49x480x720 decode would need ~9.3 GiB.
 SEQUENTIAL_VAE_BUDGET = 4 * 2**30
@@ -80,9 +80,10 @@ class MemoryPlan:
     # ---------------------------------------------------------------------------------------------- offload
 
     def enable(self, pipe: Any, mode: str, device: torch.device | str) -> None:
-        """Install ``mode`` ("model" or "sequential") for the pipeline's components, computing on ``device``."""
+        """Install ``mode`` for the pipeline's components, computing on ``device``: "text" (only the text encoder
+        waits in host memory and visits the device to encode), "model" or "sequential"."""
         if mode not in OFFLOAD_MODES[1:]:
-            raise ValueError(f"offload mode {mode!r}: choose 'model' or 'sequential'")
+            raise ValueError(f"offload mode {mode!r}: choose 'text', 'model' or 'sequential'")
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
@@ -98,8 +99,9 @@ class MemoryPlan:
             text_blocks = BlockStreamer(pipe.text_encoder.encoder.block, device, events=self.events)
             transformer_blocks = BlockStreamer(pipe.transformer.transformer_blocks, device, events=self.events)
         offload.add("text_encoder", pipe.text_encoder, [pipe.text_encoder], leave_after=True, streamer=text_blocks)
-        offload.add("transformer", pipe.transformer, [pipe.transformer], streamer=transformer_blocks)
-        offload.add("vae", pipe.vae, [pipe.vae.encoder, pipe.vae.decoder])
+        if mode != "text":  # "text": the transformer and the VAE stay where they are
+            offload.add("transformer", pipe.transformer, [pipe.transformer], streamer=transformer_blocks)
+            offload.add("vae", pipe.vae, [pipe.vae.encoder, pipe.vae.decoder])
         self._offload, self.mode, self.device = offload, mode, device
         logger.info("%s CPU offload on %s", mode, device)
 
@@ -110,8 +112,8 @@ class MemoryPlan:
         self._offload, self.mode, self.device = None, None, None
 
     def activate(self, name: str) -> None:
-        """Bring component ``name`` onto the execution device now (no-op without offload)."""
-        if self._offload is not None:
+        """Bring component ``name`` onto the execution device now (no-op for components the plan does not move)."""
+        if self._offload is not None and self._offload.manages(name):
             self._offload.activate(name)
 
     def release(self) -> None:

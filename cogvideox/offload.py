@@ -269,6 +269,10 @@ class ComponentOffload:
         if not onto_device and streamer is not None:
             streamer.drop_all()
 
+    def manages(self, name: str) -> bool:
+        """Whether component ``name`` is moved by this offload."""
+        return name in self._modules
+
     def activate(self, name: str) -> None:
         """Put ``name`` on the device and send the active component (if another) back to the host."""
         if self.active == name:

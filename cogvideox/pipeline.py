@@ -103,6 +103,7 @@ class Pipeline:
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
+        text_encoder_offload: bool | None = None,
         **sampler_overrides: Any,
     ) -> Pipeline:
         """Load every component of a published pipeline folder (local path or hub id) onto ``device``.
@@ -111,6 +112,8 @@ class Pipeline:
             dtype: weights and computation dtype (bfloat16 recommended on GPUs; float16 only for CogVideoX-2B).
             sampler: ``"ddim"`` or ``"dpm"``; default the checkpoint's ``scheduler_config.json``.
             transformer, vae, text_encoder, tokenizer: ready components used instead of loading those.
+            text_encoder_offload: keep the text encoder in host memory between encodes (see
+                :meth:`enable_text_encoder_offload`); default: on when ``device`` is a CUDA device.
             sampler_overrides: scheduler config fields to change, e.g. ``timestep_spacing="trailing"``.
         """
         root = resolve_pretrained(
@@ -127,7 +130,12 @@ class Pipeline:
         image_to_video = None
         if index.is_file():
             image_to_video = json.loads(index.read_text()).get("_class_name") in I2V_PIPELINE_CLASSES
-        return cls(transformer, vae, text_encoder, tokenizer, scheduler, image_to_video=image_to_video)
+        pipe = cls(transformer, vae, text_encoder, tokenizer, scheduler, image_to_video=image_to_video)
+        if text_encoder_offload is None:
+            text_encoder_offload = torch.device(device).type == "cuda"
+        if text_encoder_offload:
+            pipe.enable_text_encoder_offload(device)
+        return pipe
 
     def set_sampler(self, kind: str, **overrides: Any) -> None:
         """Switch between ``"ddim"`` and ``"dpm"`` (keeping the schedule), e.g. the official demo's
@@ -135,6 +143,12 @@ class Pipeline:
         self.sampler = make_sampler(self.sampler.config, kind=kind, **overrides)
 
     # ---------------------------------------------------------------------------------------- memory plan
+
+    def enable_text_encoder_offload(self, device: torch.device | str = "cuda") -> None:
+        """Keep only the text encoder in (pinned) host memory: it visits ``device`` to encode and leaves right
+        after, so the 9 GB of T5-XXL are not resident during denoising and decoding. Costs one host-to-device copy
+        of the encoder per call (~0.4 s for T5-XXL on PCIe 4); on by default for pipelines loaded onto CUDA."""
+        self.memory.enable(self, "text", device)
 
     def enable_model_cpu_offload(self, device: torch.device | str = "cuda") -> None:
         """Keep the components in host memory; each moves to ``device`` while it runs (the text encoder leaves

@@ -103,6 +103,20 @@ def expected(checkpoint):
     return _run(_pipe(checkpoint))
 
 
+def test_text_encoder_offload_moves_only_the_text_encoder(checkpoint, expected):
+    assert Pipeline.from_pretrained(checkpoint, text_encoder_offload=True).memory.mode == "text"  # CUDA default
+    pipe = _pipe(checkpoint)
+    pipe.memory.events = events = []
+    pipe.enable_text_encoder_offload(device="cpu")
+    host = _ptrs(pipe.text_encoder)
+    transformer = _ptrs(pipe.transformer)
+    assert torch.equal(_run(pipe), expected)
+    # On and straight off again for each encode (prompt, negative prompt); nothing else moves.
+    assert events == [("on", "text_encoder"), ("off", "text_encoder")] * 2
+    assert _ptrs(pipe.text_encoder) == host and _ptrs(pipe.transformer) == transformer
+    assert Pipeline.from_pretrained(checkpoint).memory.mode is None  # off by default for a CPU pipeline
+
+
 def test_model_offload_moves_components_at_the_right_moments(checkpoint, expected):
     pipe = _pipe(checkpoint)
     pipe.memory.events = events = []
@@ -169,7 +183,7 @@ def test_sequential_offload_streams_blocks_and_equals_plain_run(checkpoint, expe
 
 def test_offload_errors():
     plan = MemoryPlan()
-    with pytest.raises(ValueError, match="offload mode 'group': choose 'model' or 'sequential'"):
+    with pytest.raises(ValueError, match="offload mode 'group': choose 'text', 'model' or 'sequential'"):
         plan.enable(None, "group", "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="offload to cuda: CUDA is not available"):
