@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import request
 from .loading import resolve_pretrained
 from .memory import MemoryPlan
-from .processing import OUTPUT_TYPES, image_to_tensor, postprocess_video, to_pil, video_to_tensor
+from .processing import OUTPUT_TYPES, image_to_tensor, postprocess_video, to_pil, video_frames_for_v2v, video_to_tensor
 from .samplers import Sampler, SamplerState, classifier_free_guidance, dynamic_guidance_scale, make_sampler, randn
 from .text import T5Encoder, T5Tokenizer
 from .transformer import Transformer
@@ -314,7 +314,7 @@ class Pipeline:
             images = [to_pil(i) for i in (image if isinstance(image, (list, tuple)) else [image])]
             image_size = images[0].size
         if mode.name == "v2v":
-            video_frames = self._video_frames(video, num_frames)
+            video_frames = video_frames_for_v2v(video, num_frames)
             num_frames = len(video_frames)
         default_h, default_w = request.default_size(config, image_size)
         height, width = height or default_h, width or default_w
@@ -453,23 +453,6 @@ class Pipeline:
             return self.vae.decode(z.to(self.vae.device, self.vae.dtype))
         finally:
             self.vae.disable_tiling()
-
-    @staticmethod
-    def _video_frames(video: Any, num_frames: int | None) -> list:
-        """The v2v input as a list of PIL frames, cut to ``num_frames`` or to the longest 4k+1 prefix."""
-        from .io import load_video
-
-        frames = load_video(video) if isinstance(video, (str, Path)) else [to_pil(f) for f in video]
-        if not frames:
-            raise ValueError("video has no frames: video-to-video needs at least 1 frame (4k+1, e.g. 49)")
-        if num_frames is not None:
-            if num_frames > len(frames):
-                raise ValueError(f"num_frames={num_frames} but the video has only {len(frames)} frames")
-            return frames[:num_frames]
-        usable = (len(frames) - 1) // request.VAE_TEMPORAL * request.VAE_TEMPORAL + 1
-        if usable != len(frames):
-            logger.warning("video has %d frames; using the first %d (the VAE takes 4k+1)", len(frames), usable)
-        return frames[:usable]
 
     @staticmethod
     def _raise_if_nonfinite(first_nonfinite: torch.Tensor, timesteps: list[int]) -> None:

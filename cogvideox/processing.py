@@ -10,6 +10,8 @@ Outputs map [-1, 1] back to [0, 1] (clamped) in the layout each ``output_type`` 
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .io import load_image
+from .io import load_image, load_video
+from .request import VAE_TEMPORAL
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
@@ -61,6 +66,22 @@ def image_to_tensor(image: Any, height: int, width: int) -> torch.Tensor:
     resized = to_pil(image).resize((width, height), resample=Image.Resampling.LANCZOS)
     array = np.asarray(resized, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
+
+
+def video_frames_for_v2v(video: Any, num_frames: int | None = None) -> list:
+    """The video-to-video input (a path, or a sequence of frames of any accepted kind) as a list of frames, cut to
+    ``num_frames`` or, when that is None, to its longest 4k+1 prefix (with a warning)."""
+    frames = load_video(video) if isinstance(video, (str, os.PathLike)) else list(video)
+    if not frames:
+        raise ValueError("video has no frames: video-to-video needs at least 1 frame (4k+1, e.g. 49)")
+    if num_frames is not None:
+        if num_frames > len(frames):
+            raise ValueError(f"num_frames={num_frames} but the video has only {len(frames)} frames")
+        return frames[:num_frames]
+    usable = (len(frames) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
+    if usable != len(frames):
+        logger.warning("video has %d frames; using the first %d (the VAE takes 4k+1)", len(frames), usable)
+    return frames[:usable]
 
 
 def video_to_tensor(frames: Sequence[Any], height: int, width: int) -> torch.Tensor:
