@@ -1,4 +1,5 @@
-"""The published ``transformer/config.json`` contents of the five CogVideoX models (reference/features.md §3.2).
+"""The published ``transformer/config.json`` contents of the five CogVideoX models (reference/features.md §3.2),
+and the two published ``scheduler/scheduler_config.json`` variants (§3.4).
 
 Used to build real-size models without weights (tests on the meta device, benchmarks with random weights).
 The library itself never limits sizes by these values: limits come from a checkpoint's own config.
@@ -87,3 +88,21 @@ def transformer_config(name: str) -> TransformerConfig:
     if name not in TRANSFORMER_CONFIGS:
         raise KeyError(f"unknown model {name!r}; known: {sorted(TRANSFORMER_CONFIGS)}")
     return config_from_dict(TransformerConfig, TRANSFORMER_CONFIGS[name], source=name)
+
+
+# scheduler/scheduler_config.json: CogVideoX-2B shifts the SNR by 3.0; the 5B models (and 1.5, per SAT) by 1.0.
+SCHEDULER_2B: dict = {
+    "_class_name": "CogVideoXDDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "timestep_spacing": "trailing",
+    "snr_shift_scale": 3.0,
+}
+SCHEDULER_5B: dict = {**SCHEDULER_2B, "snr_shift_scale": 1.0}

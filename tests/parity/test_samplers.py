@@ -11,27 +11,12 @@ import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXVideoToVideoPipeline
 
+from cogvideox.presets import SCHEDULER_2B, SCHEDULER_5B
 from cogvideox.samplers import DDIMSampler, DPMSampler, SamplerState, make_sampler
 from tests.helpers import rel_err
 
 # scheduler/scheduler_config.json of the published checkpoints (reference/features.md section 3.4).
-PUBLISHED = {
-    "2b": {
-        "_class_name": "CogVideoXDDIMScheduler",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "clip_sample": False,
-        "num_train_timesteps": 1000,
-        "prediction_type": "v_prediction",
-        "rescale_betas_zero_snr": True,
-        "set_alpha_to_one": True,
-        "steps_offset": 0,
-        "timestep_spacing": "trailing",
-        "snr_shift_scale": 3.0,
-    },
-}
-PUBLISHED["5b"] = {**PUBLISHED["2b"], "snr_shift_scale": 1.0}
+PUBLISHED = {"2b": SCHEDULER_2B, "5b": SCHEDULER_5B}
 REFERENCE = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 TOL = 1e-6
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cogvideox.configs import SchedulerConfig
+from cogvideox.presets import SCHEDULER_2B
 from cogvideox.samplers import (
     DDIMSampler,
     DPMSampler,
@@ -25,20 +26,7 @@ from cogvideox.samplers import (
 )
 
 # CogVideoX-2B's scheduler_config.json (5B differs only in snr_shift_scale=1.0).
-PUBLISHED_2B = {
-    "_class_name": "CogVideoXDDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-    "set_alpha_to_one": True,
-    "steps_offset": 0,
-    "timestep_spacing": "trailing",
-    "snr_shift_scale": 3.0,
-}
+PUBLISHED_2B = SCHEDULER_2B
 
 
 def latents(seed: int = 0, shape=(2, 3, 4, 4, 4)) -> torch.Tensor:
