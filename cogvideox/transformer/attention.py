@@ -97,15 +97,22 @@ class JointAttention(nn.Module):
             return self.to_qkv(x).unflatten(-1, (3, *heads)).unbind(2)
         return self.to_q(x).unflatten(-1, heads), self.to_k(x).unflatten(-1, heads), self.to_v(x).unflatten(-1, heads)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x ``[B, L + S, D]`` (text tokens first); rotary (cos, signed sin) ``[L + S, 1, hd]`` float32 tables that
-        leave text rows unrotated (cos 1, sin 0) -> ``[B, L + S, D]``."""
+        leave text rows unrotated (cos 1, sin 0); key_mask ``[B, L + S]`` bool, False for padding tokens that no
+        token may attend to (Frame Pack batches, sequence-parallel padding) -> ``[B, L + S, D]``."""
         q, k, v = self._project(x)
         q, k = self.norm_q(q), self.norm_k(k)
         if rotary is not None:
             cos, sin_signed = rotary
             q, k = rotate_pairs(q, cos, sin_signed), rotate_pairs(k, cos, sin_signed)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, N, hd]
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # broadcast over heads and queries
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)  # [B, H, N, hd]
         # SDPA kernels lay their output out as [B, N, H, hd], so this flatten is usually a view.
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 

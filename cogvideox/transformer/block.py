@@ -90,12 +90,14 @@ class TransformerBlock(nn.Module):
         text: torch.Tensor,
         temb: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """video ``[B, S, D]``, text ``[B, L, D]``, temb ``[B, time_embed_dim]``, rotary tables
-        ``[L + S, 1, hd]`` (see :func:`~cogvideox.rope.rotate_pairs`) -> updated (video, text)."""
+        ``[L + S, 1, hd]`` (see :func:`~cogvideox.rope.rotate_pairs`), key_mask ``[B, L + S]`` bool (False:
+        padding no token attends to) -> updated (video, text)."""
         text_len = text.shape[1]
         joined, gate, text_gate = self.norm1(video, text, temb)
-        out = self.attn1(joined, rotary)
+        out = self.attn1(joined, rotary, key_mask)
         # x + gate * f(x) as one addcmul pass; the slices of ``out`` are views.
         text = torch.addcmul(text, text_gate, out[:, :text_len])
         video = torch.addcmul(video, gate, out[:, text_len:])

@@ -278,6 +278,21 @@ class Transformer(nn.Module):
                     f"max_text_seq_length={c.max_text_seq_length}"
                 )
 
+    def _key_mask(self, frame_mask: torch.Tensor, text_len: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``[B, F]`` latent-frame mask -> ``[B, L + S]`` token mask (text tokens always attended to)."""
+        frames, height, width = grid
+        pt = self.config.patch_size_t or 1
+        batch = frame_mask.shape[0]
+        if frame_mask.shape != (batch, frames * pt) or frame_mask.dtype != torch.bool:
+            raise ValueError(
+                f"frame_mask must be a bool tensor [B, {frames * pt}] (one entry per latent frame), got "
+                f"{frame_mask.dtype} {tuple(frame_mask.shape)}"
+            )
+        # A temporal patch is real when its first frame is; the docstring asks both frames to agree.
+        per_patch = frame_mask[:, ::pt]
+        video = per_patch[:, :, None].expand(batch, frames, height * width).reshape(batch, -1)
+        return torch.cat([video.new_ones(batch, text_len), video], dim=1)
+
     @staticmethod
     def _on_device(value: torch.Tensor | float | int, device: torch.device) -> torch.Tensor:
         """A timestep (or ofs) as a tensor on ``device`` without waiting for the device: a Python number is
@@ -296,6 +311,7 @@ class Transformer(nn.Module):
         text_embeds: torch.Tensor,
         timestep: torch.Tensor | float | int,
         ofs: torch.Tensor | float | None = None,
+        frame_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the model output (v for the published checkpoints).
 
@@ -304,6 +320,9 @@ class Transformer(nn.Module):
             text_embeds: ``[B, L, text_embed_dim]`` T5 encoder output.
             timestep: ``[B]`` or a scalar, the training timestep (0..999, may be fractional).
             ofs: 1.5-I2V only, ``[B]`` or a scalar (the pipelines use 2.0).
+            frame_mask: ``[B, F]`` bool, False for padding latent frames (Frame Pack batches clips of different
+                lengths): no token attends to them. Their outputs are meaningless; mask them out of the loss.
+                With ``patch_size_t`` 2 the two frames of a temporal patch must agree.
         Returns:
             ``[B, F, out_channels, H, W]`` in the model's dtype.
         """
@@ -328,12 +347,13 @@ class Transformer(nn.Module):
         text = self.patch_embed.embed_text(text_embeds.to(dtype))
         text, video = self._add_absolute_positions(text, video, grid)
         rotary = self._rotary(text.shape[1], *grid, latents.device) if c.use_rotary_positional_embeddings else None
+        key_mask = None if frame_mask is None else self._key_mask(frame_mask.to(latents.device), text.shape[1], grid)
 
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                video, text = checkpoint(block, video, text, temb, rotary, use_reentrant=False)
+                video, text = checkpoint(block, video, text, temb, rotary, key_mask, use_reentrant=False)
             else:
-                video, text = block(video, text, temb, rotary)
+                video, text = block(video, text, temb, rotary, key_mask)
 
         video = self.proj_out(self.norm_out(self.norm_final(video), temb))
         return rearrange(

@@ -127,3 +127,30 @@ def test_compiled_blocks_match_eager():
             block.compile(fullgraph=True, dynamic=False)
         actual = model(latents, text, t)
     assert rel_err(actual, expected) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"use_rotary_positional_embeddings": True}, {"use_rotary_positional_embeddings": True, "patch_size_t": 2}],
+    ids=["sincos", "rope", "rope-patch-t2"],
+)
+def test_frame_mask_makes_padding_frames_invisible(overrides):
+    """A clip padded with masked frames gives its real frames the outputs of the unpadded clip (Frame Pack)."""
+    model = make(**overrides)
+    pt = model.config.patch_size_t or 1
+    latents, text, t = inputs(model, frames=2 * pt, batch=1)
+    padded = torch.cat([latents, torch.randn(1, 2 * pt, *latents.shape[2:])], dim=1)
+    mask = torch.tensor([[True] * (2 * pt) + [False] * (2 * pt)])
+    with torch.no_grad():
+        alone = model(latents, text, t)
+        packed = model(padded, text, t, frame_mask=mask)
+        unmasked = model(padded, text, t)
+    assert rel_err(packed[:, : 2 * pt], alone) < 1e-5
+    assert rel_err(unmasked[:, : 2 * pt], alone) > 1e-3  # the mask is what hides the padding
+
+
+def test_frame_mask_shape_is_checked():
+    model = make()
+    latents, text, t = inputs(model)
+    with pytest.raises(ValueError, match=r"frame_mask must be a bool tensor \[B, 3\]"):
+        model(latents, text, t, frame_mask=torch.ones(2, 2, dtype=torch.bool))
