@@ -45,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     _option(gen, "--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     _option(gen, "--device", default=None, help="default: cuda when available, else cpu")
     _option(gen, "--seed", type=int, default=42)
-    _option(gen, "--max-sequence-length", type=int, default=226, help="prompt tokens (226 for every published model)")
+    _option(
+        gen,
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="prompt tokens (default: the model's max_text_seq_length, 226 for every published model)",
+    )
     _option(gen, "--sampler", choices=("ddim", "dpm"), default=None, help="default: the checkpoint's scheduler")
     _option(gen, "--timestep-spacing", choices=("trailing", "leading", "linspace"), default=None)
     _option(gen, "--dynamic-cfg", dest="dynamic_cfg", action=argparse.BooleanOptionalAction, default=True,

@@ -197,9 +197,11 @@ class Pipeline:
     # ---------------------------------------------------------------------------------------------- prompts
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str], max_sequence_length: int = 226) -> torch.Tensor:
+    def encode_text(self, prompts: list[str], max_sequence_length: int | None = None) -> torch.Tensor:
         """``[len(prompts), max_sequence_length, d_model]`` in the pipeline dtype. The reference runs T5 on the
-        padded ids without an attention mask; so do we, for parity."""
+        padded ids without an attention mask; so do we, for parity. The length defaults to the transformer's
+        ``max_text_seq_length`` (226 for every published model)."""
+        max_sequence_length = max_sequence_length or self.transformer.config.max_text_seq_length
         ids = self.tokenizer(prompts, max_length=max_sequence_length).input_ids
         embeds = self.text_encoder(ids.to(self.text_encoder.device))
         return embeds.to(device=self.device, dtype=self.dtype)
@@ -212,7 +214,7 @@ class Pipeline:
         do_classifier_free_guidance: bool = True,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        max_sequence_length: int = 226,
+        max_sequence_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(positive, negative) embeddings, one row per prompt; the negative prompt defaults to ``""``."""
         prompts = request.as_prompt_list(prompt)
@@ -288,13 +290,16 @@ class Pipeline:
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        max_sequence_length: int = 226,
+        max_sequence_length: int | None = None,
     ) -> PipelineOutput | tuple:
         """Generate videos; arguments as diffusers' CogVideoX pipelines (see docs/usage.md).
 
         ``image`` selects image-to-video (I2V checkpoints only), ``video`` video-to-video with ``strength``.
+        ``max_sequence_length`` defaults to the transformer's ``max_text_seq_length`` (226, diffusers' default,
+        for every published model; the bundled demo model was trained on fewer tokens).
         """
         config = self.transformer.config
+        max_sequence_length = max_sequence_length or config.max_text_seq_length
         mode = request.Mode.resolve(self.image_to_video, image, video)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
