@@ -1,5 +1,6 @@
 """The ``cogvideox`` command line (also ``python -m cogvideox``): the only argparse in the package.
 
+    cogvideox generate --prompt "a red circle moves to the right"        # the bundled demo model, any CPU
     cogvideox generate --model THUDM/CogVideoX-5b --prompt "A steam train crosses a stone viaduct" --output train.mp4
 
 Options follow the official ``inference/cli_demo.py`` (its underscore spellings are accepted too), plus
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate a video from a prompt (and an image or a video)")
     _option(gen, "--prompt", required=True, help="what the video shows")
     _option(gen, "--negative-prompt", default=None, help="what it should not show")
-    _option(gen, "--model", "--model-path", dest="model", required=True, help="local folder or hub id")
+    _option(gen, "--model", "--model-path", dest="model", default=None,
+            help="local folder or hub id (e.g. THUDM/CogVideoX-5b); default: the tiny bundled demo model")  # fmt: skip
     _option(gen, "--image-or-video-path", "--image", "--video", dest="input_path", default=None,
             help="conditioning image (image-to-video checkpoints) or input video (video-to-video)")  # fmt: skip
     _option(gen, "--generate-type", choices=("t2v", "i2v", "v2v"), default=None,
@@ -59,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(gen, "--offload", choices=("none", "model", "sequential"), default="none",
             help="keep weights in host memory: 'model' moves one component at a time to the device, "
                  "'sequential' streams transformer blocks (least memory)")  # fmt: skip
-    _option(gen, "--vae-tiling", action=argparse.BooleanOptionalAction, default=True,
-            help="decode in overlapping tiles (less memory, default on)")  # fmt: skip
+    _option(gen, "--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+            help="decode in overlapping tiles (less memory); default: tile when the decode would not fit in the "
+                 "free GPU memory")  # fmt: skip
     _option(gen, "--vae-slicing", action=argparse.BooleanOptionalAction, default=True,
             help="decode one video of the batch at a time (default on)")  # fmt: skip
     _option(gen, "--lora", action="append", default=[], metavar="PATH",
@@ -121,6 +124,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
         pipe.enable_sequential_cpu_offload(device)
     if args.vae_tiling:
         pipe.vae.enable_tiling()
+    elif args.vae_tiling is False:
+        pipe.set_vae_memory_budget(auto_tiling=False)
     if args.vae_slicing:
         pipe.vae.enable_slicing()
 

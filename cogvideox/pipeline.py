@@ -91,7 +91,7 @@ class Pipeline:
     @classmethod
     def from_pretrained(
         cls,
-        path_or_hub_id: str | Path,
+        path_or_hub_id: str | Path | None = None,
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
@@ -108,6 +108,9 @@ class Pipeline:
     ) -> Pipeline:
         """Load every component of a published pipeline folder (local path or hub id) onto ``device``.
 
+        Without ``path_or_hub_id``, the tiny demo model bundled with the package (:mod:`cogvideox.demo`), which
+        draws coloured shapes moving on 32x32 frames from prompts like "a red circle moves to the right".
+
         Args:
             dtype: weights and computation dtype (bfloat16 recommended on GPUs; float16 only for CogVideoX-2B).
             sampler: ``"ddim"`` or ``"dpm"``; default the checkpoint's ``scheduler_config.json``.
@@ -116,6 +119,10 @@ class Pipeline:
                 :meth:`enable_text_encoder_offload`); default: on when ``device`` is a CUDA device.
             sampler_overrides: scheduler config fields to change, e.g. ``timestep_spacing="trailing"``.
         """
+        if path_or_hub_id is None:
+            from .demo import demo_model_path
+
+            path_or_hub_id = demo_model_path()
         root = resolve_pretrained(
             path_or_hub_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
             allow_patterns=HUB_FILES,
