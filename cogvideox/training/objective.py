@@ -73,6 +73,8 @@ class DiffusionObjective:
         latents: torch.Tensor,
         timesteps: torch.Tensor,
         frame_mask: torch.Tensor | None = None,
+        *,
+        reduction: str = "mean",
     ) -> torch.Tensor:
         """The official loss: mean over the batch of mean((x0_hat - x0)^2 / (1 - a)) per clip.
 
@@ -83,14 +85,19 @@ class DiffusionObjective:
             timesteps: ``[B]`` integer timesteps.
             frame_mask: ``[B, F]`` bool, False for Frame Pack padding frames; each clip's loss is the mean over
                 its real frames only, so padding a clip changes nothing.
+            reduction: ``"mean"`` (the training loss) or ``"none"`` (each clip's loss, ``[B]``: for logging, or to
+                check that Frame Pack padding leaves a clip's loss unchanged).
         Returns:
-            A float32 scalar.
+            A float32 scalar, or ``[B]`` float32 with ``reduction="none"``.
         """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction={reduction!r}: use 'mean' (the training loss) or 'none' (one loss per clip)")
         alpha = self._alphas(timesteps, latents)
         x0_hat = alpha.sqrt() * noisy.float() - (1 - alpha).sqrt() * prediction.float()
         error = (x0_hat - latents.float()).square() / (1 - alpha)
         if frame_mask is None:
-            return error.flatten(1).mean(dim=1).mean()
-        weight = frame_mask.to(error.device, error.dtype)[:, :, None, None, None].expand_as(error)
-        per_clip = (error * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1).clamp(min=1)
-        return per_clip.mean()
+            per_clip = error.flatten(1).mean(dim=1)
+        else:
+            weight = frame_mask.to(error.device, error.dtype)[:, :, None, None, None].expand_as(error)
+            per_clip = (error * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1).clamp(min=1)
+        return per_clip if reduction == "none" else per_clip.mean()

@@ -1,0 +1,217 @@
+"""Model inputs for training: video and image latents, the 1.5 first-frame padding, ``ofs``, caption dropout.
+
+Every function here turns data into what :class:`~cogvideox.Transformer` takes during training, the way the
+official recipes do it (sources named in each docstring):
+
+- video latents: ``VAE.encode(video).sample() * scaling_factor`` (CogVideo ``finetune/``, SAT
+  ``encode_first_stage``), ``[B, F', C, h, w]``;
+- image-to-video conditioning: the first frame, noised in pixel space with sigma = exp(N(-3, 0.5)), encoded,
+  scaled, padded with zero frames to the latent frame count; joined to the noisy latents on channels by the
+  trainer (CogVideo ``finetune/models/cogvideox_i2v/lora_trainer.py``, SAT ``add_noise_to_first_frame``);
+- CogVideoX 1.5: the latent frame count padded to a multiple of ``patch_size_t`` by repeating the first latent
+  frame in front, and ``ofs = 2.0`` for the image-to-video model (same trainer; features.md §1.6, §4.9);
+- caption dropout for classifier-free guidance (SAT ``ucg_rate`` 0.1 zeroes the T5 output of a sample).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..configs import TransformerConfig
+from ..vae import VAE
+
+# SAT diffusion_video.py ``add_noise_to_first_frame`` and CogVideo finetune: log sigma ~ N(-3, 0.5), so sigma is
+# about 0.05 (pixels in [-1, 1]); inference adds no noise (features.md §4.8).
+IMAGE_NOISE_LOG_MEAN = -3.0
+IMAGE_NOISE_LOG_STD = 0.5
+# The ofs value every CogVideoX 1.5 image-to-video pipeline passes (SAT sample_video.py, diffusers, finetune).
+OFS = 2.0
+
+
+def _sample_latents(vae: VAE, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``[B, 3, F, H, W]`` in [-1, 1] -> unscaled latents ``[B, F', C, h, w]`` (a posterior sample)."""
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype))
+    return posterior.sample(generator=generator).permute(0, 2, 1, 3, 4)
+
+
+@torch.no_grad()
+def encode_video(vae: VAE, video: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training latents of a video batch: a posterior sample times ``scaling_factor``.
+
+    Args:
+        video: ``[B, 3, F, H, W]`` in [-1, 1], ``F = 4k + 1`` (an image is ``F = 1``).
+        generator: for the posterior sample.
+    Returns:
+        ``[B, (F - 1) / 4 + 1, C, H / 8, W / 8]`` in the VAE's dtype.
+    """
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"video must be [B, 3, F, H, W] in [-1, 1], got shape {tuple(video.shape)}")
+    return _sample_latents(vae, video, generator) * vae.scaling_factor
+
+
+def noise_image(
+    images: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    log_mean: float = IMAGE_NOISE_LOG_MEAN,
+    log_std: float = IMAGE_NOISE_LOG_STD,
+) -> torch.Tensor:
+    """The image-to-video noise augmentation: ``image + sigma * eps`` with ``sigma = exp(N(log_mean, log_std))``.
+
+    One sigma per image, as SAT draws it (``size=(B,)``); CogVideo's ``finetune/`` draws one sigma for the whole
+    batch, which is the same in distribution for batch 1. The model learns not to trust the conditioning pixels
+    exactly, which makes it robust to a clean image at inference (features.md §1.6, §4.8).
+
+    Args:
+        images: ``[B, 3, H, W]`` or ``[B, 3, 1, H, W]`` in [-1, 1].
+        generator: draws sigma and eps (on the generator's device, then moved to the images' device).
+    Returns:
+        The noised images, same shape and dtype.
+    """
+    batch = images.shape[0]
+    draw_device = generator.device if generator is not None else images.device
+    log_sigma = torch.randn(batch, generator=generator, device=draw_device) * log_std + log_mean
+    eps = torch.randn(images.shape, generator=generator, device=draw_device, dtype=torch.float32)
+    sigma = log_sigma.exp().to(images.device).reshape(batch, *([1] * (images.ndim - 1)))
+    return (images.float() + sigma * eps.to(images.device)).to(images.dtype)
+
+
+@torch.no_grad()
+def image_latents(
+    vae: VAE,
+    images: torch.Tensor,
+    num_latent_frames: int,
+    *,
+    generator: torch.Generator | None = None,
+    noise: bool = True,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The image-to-video conditioning latents: the (noised) first frame encoded, then zero frames.
+
+    Scaling follows our inference pipeline (``Pipeline._image_latents``) so that what the model sees in training
+    is what it sees when generating: ``* scaling_factor``, or ``/ scaling_factor`` where the VAE config sets
+    ``invert_scale_latents`` (CogVideoX 1.5). CogVideo's ``finetune/`` 1.5 trainer multiplies instead; that
+    mismatches its own inference (features.md §4.7, finetrainers #110), so we do not copy it.
+
+    Args:
+        images: ``[B, 3, H, W]`` in [-1, 1] (the clip's first frame).
+        num_latent_frames: the latent frame count of the clip, after any 1.5 first-frame padding; the image
+            latent sits at frame 0, which for a padded 1.5 clip is the repeated first frame (as in the reference).
+        generator: draws the image noise, the posterior sample and the dropout.
+        noise: add the exp(N(-3, 0.5)) noise (training); False gives the inference conditioning.
+        dropout: probability of zeroing a sample's whole conditioning (SAT ``noised_image_dropout``: 0.05 in
+            the 5B-I2V configs; CogVideo's diffusers ``finetune/`` uses none), so the model also sees no image.
+    Returns:
+        ``[B, num_latent_frames, C, H / 8, W / 8]`` in the VAE's dtype.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
+    if num_latent_frames < 1:
+        raise ValueError(f"num_latent_frames={num_latent_frames}: must be at least 1")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout={dropout}: must be a probability in [0, 1]")
+    pixels = images[:, :, None]
+    if noise:
+        pixels = noise_image(pixels, generator=generator)
+    latents = _sample_latents(vae, pixels, generator)
+    factor = vae.scaling_factor
+    latents = latents / factor if vae.invert_scale_latents else latents * factor
+    padding = latents.new_zeros(latents.shape[0], num_latent_frames - 1, *latents.shape[2:])
+    latents = torch.cat([latents, padding], dim=1)
+    if dropout > 0:
+        keep = torch.rand(latents.shape[0], generator=generator, device=_device_of(generator)) >= dropout
+        latents = latents * keep.to(latents.device, latents.dtype)[:, None, None, None, None]
+    return latents
+
+
+def pad_to_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
+    """Repeat the first latent frame in front until the frame count is a multiple of ``patch_size_t``.
+
+    CogVideoX 1.5 patches two latent frames into one token; 81 frames give 21 latents, padded to 22. The
+    reference trainer and pipelines repeat the first frame in front (finetune ``compute_loss``; diffusers
+    pipelines; features.md §4.2) and the pipeline drops it after decoding. With ``patch_size_t`` None or 1 the
+    input is returned unchanged.
+
+    Args:
+        latents: ``[B, F, C, h, w]`` (or one clip ``[F, C, h, w]``).
+    Returns:
+        ``[B, F + pad, C, h, w]`` with ``pad = (-F) mod patch_size_t``.
+    """
+    pt = patch_size_t or 1
+    frame_dim = latents.ndim - 4
+    if frame_dim not in (0, 1):
+        raise ValueError(f"latents must be [B, F, C, H, W] or [F, C, H, W], got shape {tuple(latents.shape)}")
+    pad = -latents.shape[frame_dim] % pt
+    if pad == 0:
+        return latents
+    first = latents.narrow(frame_dim, 0, 1)
+    repeats = [1] * latents.ndim
+    repeats[frame_dim] = pad
+    return torch.cat([first.repeat(*repeats), latents], dim=frame_dim)
+
+
+def ofs_for(config: TransformerConfig, batch: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """``ofs`` for a training batch: ``[batch]`` filled with 2.0 for models with an ofs embedding (1.5-I2V),
+    None for the others (the transformer refuses an ofs it has no embedding for). Early trainers passed None
+    to the 1.5-I2V model and trained it off its inference condition (CogVideo #532)."""
+    if not config.ofs_embed_dim:
+        return None
+    return torch.full((batch,), OFS, device=device)
+
+
+def drop_captions(
+    text_embeds: torch.Tensor,
+    probability: float,
+    *,
+    generator: torch.Generator | None = None,
+    null_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Caption dropout for classifier-free guidance: each sample's text is replaced with probability ``p``.
+
+    SAT (``GeneralConditioner``, ``ucg_rate: 0.1`` in every CogVideoX config) multiplies the T5 output of a
+    dropped sample by zero, and samples its unconditional branch with zeros too. Our pipeline, like diffusers,
+    uses the embedding of the empty prompt as the unconditional branch; pass it as ``null_embeds``
+    (``pipe.encode_text([""])``) to train the model on what it will see. CogVideo's diffusers ``finetune/``
+    does no caption dropout.
+
+    Args:
+        text_embeds: ``[B, L, D]``.
+        probability: in [0, 1].
+        null_embeds: ``[1, L, D]`` or ``[L, D]``; default zeros (SAT).
+    Returns:
+        ``[B, L, D]``, a new tensor (the input is not modified).
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"caption dropout probability={probability}: must be in [0, 1]")
+    if probability == 0:
+        return text_embeds
+    batch = text_embeds.shape[0]
+    drop = torch.rand(batch, generator=generator, device=_device_of(generator)) < probability
+    drop = drop.to(text_embeds.device)[:, None, None]
+    if null_embeds is None:
+        null = torch.zeros_like(text_embeds[:1])
+    else:
+        null = null_embeds.reshape(1, *null_embeds.shape[-2:]).to(text_embeds.device, text_embeds.dtype)
+        if null.shape[1:] != text_embeds.shape[1:]:
+            raise ValueError(
+                f"null_embeds of shape {tuple(null_embeds.shape)} do not match text_embeds {tuple(text_embeds.shape)}:"
+                " encode the empty prompt with the same max_sequence_length"
+            )
+    return torch.where(drop, null, text_embeds)
+
+
+def _device_of(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+__all__ = [
+    "IMAGE_NOISE_LOG_MEAN",
+    "IMAGE_NOISE_LOG_STD",
+    "OFS",
+    "drop_captions",
+    "encode_video",
+    "image_latents",
+    "noise_image",
+    "ofs_for",
+    "pad_to_temporal_patch",
+]
