@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     _option(gen, "--lora-scale", type=float, action="append", default=[],
             help="weight of each --lora (one for all, or one per --lora; default 1.0)")  # fmt: skip
     _option(gen, "--quiet", action="store_true", help="no progress bar")
+    _option(gen, "--ulysses-degree", type=int, default=1,
+            help="processes sharing each transformer pass (sequence parallel; start them with torchrun)")  # fmt: skip
+    _option(gen, "--cfg-parallel", action="store_true",
+            help="run the two guidance branches on the two halves of the torchrun processes")  # fmt: skip
     sat = commands.add_parser("convert-sat", help="convert original SAT checkpoints to the published folder layout")
     sat.add_argument("input", help="SAT transformer checkpoint (mp_rank_00_model_states.pt)")
     sat.add_argument("output", help="new folder to write (transformer/, and vae/ with --vae)")
@@ -99,8 +104,19 @@ def _load_loras(pipe, paths: list[str], scales: list[float]) -> None:
         pipe.load_lora(path, adapter_name=f"lora_{index}", scale=scale)
 
 
+def _parallel_config(args: argparse.Namespace):
+    """The ParallelConfig asked for by ``--ulysses-degree`` / ``--cfg-parallel`` or implied by torchrun's
+    ``WORLD_SIZE``; None for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and args.ulysses_degree == 1 and not args.cfg_parallel:
+        return None
+    from .distributed import ParallelConfig
+
+    return ParallelConfig(ulysses_degree=args.ulysses_degree, cfg_degree=2 if args.cfg_parallel else 1)
+
+
 def generate(args: argparse.Namespace) -> list[Path]:
-    """Run one generation from parsed arguments; returns the written paths."""
+    """Run one generation from parsed arguments; returns the written paths (none on ranks other than 0)."""
     import torch
 
     from .io import VIDEO_SUFFIXES, load_image, load_video, save_video
@@ -111,6 +127,14 @@ def generate(args: argparse.Namespace) -> list[Path]:
     if output.suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--output {output}: use one of {', '.join(VIDEO_SUFFIXES)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    parallel = _parallel_config(args)
+    if parallel is not None:
+        from .distributed import init_from_env
+
+        local_device, _, world = init_from_env()
+        parallel.check_world_size(world)  # before minutes of loading
+        # One GPU per process: a bare "cuda" means this process's own GPU (torchrun's LOCAL_RANK).
+        device = str(local_device) if args.device in (None, "cuda") else args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     overrides = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
     # With offload the weights wait in host memory: load them there, never onto the device as a whole.
@@ -118,6 +142,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
     pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=load_device, sampler=args.sampler, **overrides)
     pipe.set_progress_bar_config(disable=args.quiet)
     _load_loras(pipe, args.lora, args.lora_scale)  # before offload: the block streamer records each block's tensors
+    if parallel is not None:
+        pipe.enable_parallel(parallel)
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device)
     elif args.offload == "sequential":
@@ -146,6 +172,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
         generator=torch.Generator().manual_seed(args.seed), max_sequence_length=args.max_sequence_length,
         output_type="np",
     )  # fmt: skip
+    if pipe.parallel is not None and not pipe.parallel.is_main:
+        return []  # rank 0 holds the frames and writes the files
     fps = args.fps or default_fps(pipe.transformer.config)
     paths = _output_paths(output, len(result.frames))
     for frames, path in zip(result.frames, paths, strict=True):
@@ -173,15 +201,41 @@ def convert_sat_command(args: argparse.Namespace) -> list[Path]:
                         vae_config=vae_config, dtype=dtype)]  # fmt: skip
 
 
+def _rank_prefix() -> str:
+    """``[rank N] `` under torchrun, so that interleaved messages of several processes say whose they are."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        return f"[rank {os.environ['RANK']}] "
+    return ""
+
+
+def _distributed_initialized() -> bool:
+    if "torch.distributed" not in sys.modules:  # never imported: nothing to look at, nothing to import
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _end_distributed(owned: bool) -> None:
+    """Destroy the process group the command created (not one its caller had set up)."""
+    if owned and _distributed_initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    owns_process_group = not _distributed_initialized()
     try:
         paths = convert_sat_command(args) if args.command == "convert-sat" else generate(args)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, OSError, RuntimeError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"cogvideox: error: {message}", file=sys.stderr)
+        print(f"cogvideox: error: {_rank_prefix()}{message}", file=sys.stderr)
         return 2
+    finally:
+        _end_distributed(owns_process_group)
     for path in paths:
         print(path)
     return 0

@@ -15,6 +15,8 @@ sizes are checked against what the model can do, 1.5 video-to-video pads an odd 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -25,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import request
+from .distributed import ParallelConfig, ParallelInference
 from .loading import resolve_pretrained
 from .memory import MemoryPlan
 from .processing import OUTPUT_TYPES, image_to_tensor, postprocess_video, to_pil, video_frames_for_v2v, video_to_tensor
@@ -60,6 +63,19 @@ class PipelineOutput:
     frames: Any
 
 
+def _fail_together_when_parallel(call: Callable) -> Callable:
+    """Under parallel inference, an error on any rank ends the call on every rank (cogvideox.distributed)."""
+
+    @functools.wraps(call)
+    def guarded(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        if self.parallel is None:
+            return call(self, *args, **kwargs)
+        with self.parallel.guard():
+            return call(self, *args, **kwargs)
+
+    return guarded
+
+
 class Pipeline:
     """Text-, image- and video-to-video generation with one CogVideoX checkpoint.
 
@@ -85,6 +101,7 @@ class Pipeline:
         self.progress_bar_config: dict[str, Any] = {}
         self._interrupt = False
         self.memory = MemoryPlan()
+        self.parallel: ParallelInference | None = None  # see enable_parallel
 
     # ------------------------------------------------------------------------------------------------ building
 
@@ -104,6 +121,7 @@ class Pipeline:
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
         text_encoder_offload: bool | None = None,
+        parallel: ParallelConfig | None = None,
         **sampler_overrides: Any,
     ) -> Pipeline:
         """Load every component of a published pipeline folder (local path or hub id) onto ``device``.
@@ -117,6 +135,7 @@ class Pipeline:
             transformer, vae, text_encoder, tokenizer: ready components used instead of loading those.
             text_encoder_offload: keep the text encoder in host memory between encodes (see
                 :meth:`enable_text_encoder_offload`); default: on when ``device`` is a CUDA device.
+            parallel: run on several processes (torchrun; see :meth:`enable_parallel` and docs/distributed.md).
             sampler_overrides: scheduler config fields to change, e.g. ``timestep_spacing="trailing"``.
         """
         if path_or_hub_id is None:
@@ -142,6 +161,8 @@ class Pipeline:
             text_encoder_offload = torch.device(device).type == "cuda"
         if text_encoder_offload:
             pipe.enable_text_encoder_offload(device)
+        if parallel is not None:
+            pipe.enable_parallel(parallel)
         return pipe
 
     def set_sampler(self, kind: str, **overrides: Any) -> None:
@@ -179,6 +200,36 @@ class Pipeline:
         does)."""
         self.memory.vae_memory_budget = budget_bytes
         self.memory.auto_vae_tiling = auto_tiling
+
+    # ------------------------------------------------------------------------------------------- multi-GPU
+
+    def enable_parallel(
+        self,
+        config: ParallelConfig | None = None,
+        *,
+        ulysses_degree: int = 1,
+        cfg_degree: int = 1,
+        group: torch.distributed.ProcessGroup | None = None,
+        timeout: datetime.timedelta | None = None,
+    ) -> ParallelInference:
+        """Split each call over the processes of ``group`` (default: the whole torch.distributed world), which
+        must all call this together and then make the same calls: Ulysses sequence parallel over
+        ``ulysses_degree`` ranks, guidance branches over ``cfg_degree`` (1 or 2) halves, tiles of the VAE decode
+        over every rank. Rank 0 gets the frames; the others get ``frames=None`` (latents everywhere for
+        ``output_type="latent"``) and show no progress. ``timeout`` bounds each collective of the new groups.
+        An error on one rank ends the call on all (docs/distributed.md). Callbacks must act alike on every rank
+        (an ``interrupt`` set on one rank only leaves the others waiting until the timeout).
+        """
+        self.disable_parallel()
+        config = config or ParallelConfig(ulysses_degree=ulysses_degree, cfg_degree=cfg_degree)
+        self.parallel = ParallelInference(self.transformer, config, group, timeout=timeout)
+        return self.parallel
+
+    def disable_parallel(self) -> None:
+        """Back to single-process calls (the process groups stay; destroy them with torch.distributed)."""
+        if self.parallel is not None:
+            self.parallel.release()
+            self.parallel = None
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """tqdm options for the denoising loop, e.g. ``disable=True``."""
@@ -273,6 +324,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------- call
 
     @torch.no_grad()
+    @_fail_together_when_parallel
     def __call__(
         self,
         prompt: str | Sequence[str] | None = None,
@@ -356,6 +408,8 @@ class Pipeline:
             raise ValueError(f"{len(images)} images for {num_prompts} prompts: give one image, or one per prompt")
 
         do_cfg = guidance_scale > 1.0
+        if self.parallel is not None:  # every rank draws the same numbers (DPM noise too)
+            generator = self.parallel.generator(generator)
         positive, negative = self.encode_prompt(
             prompts, negative_prompt, do_classifier_free_guidance=do_cfg, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length,
@@ -398,22 +452,31 @@ class Pipeline:
         latents = latents * sampler.init_noise_sigma
 
         embeds = torch.cat([negative, positive]) if do_cfg else positive
+        split = None  # guidance parallel: this rank computes one branch, the predictions are combined per step
+        if self.parallel is not None:
+            latents, image_latents, embeds = self.parallel.same_on_every_rank(latents, image_latents, embeds)
+            split = self.parallel.guidance_split(do_cfg)
+        batched_cfg = do_cfg and split is None
         ofs = torch.full((1,), 2.0, device=device, dtype=dtype) if config.ofs_embed_dim else None
         timesteps_host = [int(t) for t in timesteps.cpu()]  # one sync, before the loop
         state = SamplerState()
         first_nonfinite = torch.full((), -1, device=device)
         self._interrupt = False
-        progress = tqdm(total=len(timesteps_host), **{"desc": "denoising", **self.progress_bar_config})
+        quiet = {} if self.parallel is None or self.parallel.is_main else {"disable": True}
+        progress = tqdm(total=len(timesteps_host), **{"desc": "denoising", **self.progress_bar_config, **quiet})
         try:
             for i, t in enumerate(timesteps_host):
                 if self._interrupt:
                     break
-                model_input = torch.cat([latents, latents]) if do_cfg else latents
+                model_input = torch.cat([latents, latents]) if batched_cfg else latents
                 model_input = sampler.scale_model_input(model_input, t)
                 if image_latents is not None:
-                    condition = torch.cat([image_latents, image_latents]) if do_cfg else image_latents
+                    condition = torch.cat([image_latents, image_latents]) if batched_cfg else image_latents
                     model_input = torch.cat([model_input, condition], dim=2)
-                prediction = self.transformer(model_input, embeds, timesteps[i].expand(model_input.shape[0]), ofs=ofs)
+                step_embeds = embeds if split is None else split.local_half(embeds)
+                timestep = timesteps[i].expand(model_input.shape[0])
+                prediction = self.transformer(model_input, step_embeds, timestep, ofs=ofs)
+                prediction = prediction if split is None else split.combine(prediction)
                 prediction = prediction.float()
                 if do_cfg:
                     scale = dynamic_guidance_scale(guidance_scale, t, num_steps) if use_dynamic_cfg else guidance_scale
@@ -445,7 +508,8 @@ class Pipeline:
             if output_type == "latent":
                 frames = latents
             else:
-                frames = postprocess_video(self.decode_latents(latents[:, pad_frames:]), output_type)
+                video = self.decode_latents(latents[:, pad_frames:])  # None on ranks other than 0 when parallel
+                frames = None if video is None else postprocess_video(video, output_type)
         finally:
             progress.close()
             self.memory.release()  # components go back to the host even when a step fails
@@ -454,15 +518,20 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------ helpers
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model latents ``[B, F', C, h, w]`` -> video ``[B, 3, F, H, W]`` in about [-1, 1]."""
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """Model latents ``[B, F', C, h, w]`` -> video ``[B, 3, F, H, W]`` in about [-1, 1]. Parallel: tiles are
+        decoded on every rank and the video comes back on rank 0 only (None elsewhere)."""
         z = (1 / self.vae.scaling_factor) * latents.permute(0, 2, 1, 3, 4)
         self.memory.activate("vae")
-        if not self.memory.decode_needs_tiling(self.vae, tuple(z.shape), self.vae.device):
-            return self.vae.decode(z.to(self.vae.device, self.vae.dtype))
+        decode = self.vae.decode if self.parallel is None else functools.partial(self.parallel.decode, self.vae)
+        needs_tiling = self.memory.decode_needs_tiling(self.vae, tuple(z.shape), self.vae.device)
+        if self.parallel is not None:  # free memory differs between ranks: tile everywhere if any rank must
+            needs_tiling = self.parallel.any_rank(needs_tiling)
+        if not needs_tiling:
+            return decode(z.to(self.vae.device, self.vae.dtype))
         self.vae.enable_tiling()
         try:
-            return self.vae.decode(z.to(self.vae.device, self.vae.dtype))
+            return decode(z.to(self.vae.device, self.vae.dtype))
         finally:
             self.vae.disable_tiling()
 

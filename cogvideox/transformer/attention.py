@@ -47,6 +47,9 @@ class JointAttention(nn.Module):
         # A ModuleList so that the published key is ``to_out.0`` (the reference keeps a dropout at index 1).
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=True, **factory)])
         self.to_qkv: nn.Module | None = None
+        # Ulysses hooks (cogvideox.distributed.UlyssesParallel) when sequence parallel is on: a plain object, not a
+        # submodule, so it never shows in state_dict() or module walks.
+        self.sequence_parallel = None
         self.register_state_dict_post_hook(_split_fused_keys)
         self.register_load_state_dict_pre_hook(_join_published_keys)
 
@@ -102,15 +105,22 @@ class JointAttention(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_mask: torch.Tensor | None = None,
+        text_len: int = 0,
     ) -> torch.Tensor:
         """x ``[B, L + S, D]`` (text tokens first); rotary (cos, signed sin) ``[L + S, 1, hd]`` float32 tables that
         leave text rows unrotated (cos 1, sin 0); key_mask ``[B, L + S]`` bool, False for padding tokens that no
-        token may attend to (Frame Pack batches, sequence-parallel padding) -> ``[B, L + S, D]``."""
+        token may attend to (Frame Pack batches, sequence-parallel padding) -> ``[B, L + S, D]``.
+
+        Under sequence parallel, S is this rank's share of the video tokens, ``text_len`` (L) says where they
+        start, and key_mask covers the whole padded sequence of all ranks."""
         q, k, v = self._project(x)
         q, k = self.norm_q(q), self.norm_k(k)
         if rotary is not None:
             cos, sin_signed = rotary
             q, k = rotate_pairs(q, cos, sin_signed), rotate_pairs(k, cos, sin_signed)
+        if self.sequence_parallel is not None:
+            out = self.sequence_parallel.attention(q, k, v, text_len, key_mask)  # [B, L + S, H, hd]
+            return self.to_out[0](out.flatten(2))
         mask = None if key_mask is None else key_mask[:, None, None, :]  # broadcast over heads and queries
         out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)  # [B, H, N, hd]
         # SDPA kernels lay their output out as [B, N, H, hd], so this flatten is usually a view.

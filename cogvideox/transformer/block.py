@@ -97,7 +97,7 @@ class TransformerBlock(nn.Module):
         padding no token attends to) -> updated (video, text)."""
         text_len = text.shape[1]
         joined, gate, text_gate = self.norm1(video, text, temb)
-        out = self.attn1(joined, rotary, key_mask)
+        out = self.attn1(joined, rotary, key_mask, text_len=text_len)
         # x + gate * f(x) as one addcmul pass; the slices of ``out`` are views.
         text = torch.addcmul(text, text_gate, out[:, :text_len])
         video = torch.addcmul(video, gate, out[:, text_len:])

@@ -85,6 +85,9 @@ class Transformer(nn.Module):
         patch_volume = config.patch_size * config.patch_size * (config.patch_size_t or 1)
         self.proj_out = nn.Linear(dim, patch_volume * config.output_channels, **factory)
         self.gradient_checkpointing = False
+        # Ulysses hooks (cogvideox.distributed.enable_sequence_parallel): shard the video tokens before the blocks,
+        # gather the projected output after. A plain object, not a submodule.
+        self.sequence_parallel = None
         # Position tables keyed by (kind, frames, height, width, device): plain state, rebuilt on demand.
         self._position_cache: dict[tuple, object] = {}
 
@@ -348,6 +351,9 @@ class Transformer(nn.Module):
         text, video = self._add_absolute_positions(text, video, grid)
         rotary = self._rotary(text.shape[1], *grid, latents.device) if c.use_rotary_positional_embeddings else None
         key_mask = None if frame_mask is None else self._key_mask(frame_mask.to(latents.device), text.shape[1], grid)
+        parallel = self.sequence_parallel
+        if parallel is not None:  # this rank keeps its share of the video tokens; the mask hides padding
+            video, rotary, key_mask = parallel.shard(video, rotary, key_mask, text.shape[1])
 
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -356,6 +362,8 @@ class Transformer(nn.Module):
                 video, text = block(video, text, temb, rotary, key_mask)
 
         video = self.proj_out(self.norm_out(self.norm_final(video), temb))
+        if parallel is not None:  # per-token layers done: gather the small projected output, not the hidden state
+            video = parallel.gather(video, grid[0] * grid[1] * grid[2])
         return rearrange(
             video,
             "b (f h w) (c pt ph pw) -> b (f pt) c (h ph) (w pw)",

@@ -22,7 +22,7 @@ from ..loading import build_on_meta, component_folder, load_weights
 from .coders import Decoder3D, Encoder3D
 from .conv import ConvCache
 from .posterior import DiagonalGaussian
-from .tiling import make_grid, run_tiled
+from .tiling import TileGrid, make_grid, run_tiled
 
 logger = logging.getLogger(__name__)
 
@@ -281,18 +281,27 @@ class VAE(nn.Module):
             frames.append(out)
         return torch.cat(frames, dim=2) if len(frames) > 1 else frames[0]
 
+    def decodes_in_tiles(self, height: int, width: int) -> bool:
+        """True when latents of ``height x width`` decode in tiles (tiling on and larger than one tile)."""
+        return self.use_tiling and (height > self.tile_latent_min_height or width > self.tile_latent_min_width)
+
+    def decode_tile_grids(self) -> tuple[TileGrid, TileGrid]:
+        """(rows, columns) geometry of the tiled decode, latent tiles in and pixel tiles out; shared with the
+        parallel decode of :mod:`cogvideox.distributed`, which decodes tiles on several ranks and blends alike."""
+        rows = make_grid(
+            self.tile_latent_min_height, self.tile_sample_min_height, self.tile_overlap_factor_height,
+            name="tile_sample_min_height / tile_overlap_factor_height",
+        )  # fmt: skip
+        cols = make_grid(
+            self.tile_latent_min_width, self.tile_sample_min_width, self.tile_overlap_factor_width,
+            name="tile_sample_min_width / tile_overlap_factor_width",
+        )  # fmt: skip
+        return rows, cols
+
     def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
-        height, width = z.shape[-2:]
-        if self.use_tiling and (height > self.tile_latent_min_height or width > self.tile_latent_min_width):
+        if self.decodes_in_tiles(*z.shape[-2:]):
             ratio = self.config.spatial_compression_ratio
-            rows = make_grid(
-                self.tile_latent_min_height, self.tile_sample_min_height, self.tile_overlap_factor_height,
-                name="tile_sample_min_height / tile_overlap_factor_height",
-            )  # fmt: skip
-            cols = make_grid(
-                self.tile_latent_min_width, self.tile_sample_min_width, self.tile_overlap_factor_width,
-                name="tile_sample_min_width / tile_overlap_factor_width",
-            )  # fmt: skip
+            rows, cols = self.decode_tile_grids()
             return run_tiled(z, self._decode_frames, rows, cols, out_of=lambda n: n * ratio)
         return self._decode_frames(z)
 
