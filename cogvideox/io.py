@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -102,18 +103,11 @@ def save_video(frames: Any, path: str | os.PathLike, fps: float = 8, quality: fl
     if not fps > 0:
         raise ValueError(f"fps={fps}: must be positive")
     array = frames_to_uint8(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder (so the rename is atomic), same suffix (the writers pick the format from it). The writers create
-    # the file themselves, so it gets the user's usual permissions (mkstemp would make it private).
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
-    try:
+    with atomic_path(path) as tmp:  # same suffix: the writers pick the format from it
         if suffix == ".mp4":
             _write_mp4(array, tmp, fps, quality)
         else:
             _write_animated(array, tmp, fps)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     logger.info("wrote %d frames to %s", len(array), path)
     return path
 

@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..atomic import atomic_path
+
 WORD_SCORE = -2.0  # log-probability of each whole-word piece; characters score about -2 to -5 each
 METASPACE = "\u2581"
 
@@ -84,6 +86,5 @@ def train_tokenizer(folder: Path, corpus: Iterable[str], *, max_length: int) -> 
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
