@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def usual_mode(folder: Path, *, directory: bool = False) -> int:
+    """The permission bits a new file (or folder) in ``folder`` gets: 0o666 (0o777) less the umask, read from a
+    probe rather than by setting the process-wide umask, which would race with other threads."""
+    probe = folder / f".mode-probe.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    if directory:
+        probe.mkdir()
+    else:
+        with open(probe, "x"):
+            pass
+    try:
+        return stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.rmdir() if directory else probe.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -15,15 +31,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     removed when it raises, so ``path`` is never left half-written.
 
     The temporary name keeps the suffix (writers that pick a format from it still work), is hidden and unique per
-    process and call, and lives in the same folder (the rename is atomic). The writer creates the file itself, so
-    it gets the user's usual permissions (``tempfile.mkstemp`` would make it private, 0600). The folder is created
-    if missing.
+    process and call, and lives in the same folder (the rename is atomic). Before the rename the file gets the
+    permissions a plainly created file would have: some writers (``tempfile.mkstemp``, safetensors' ``save_file``
+    since 0.8) create private 0600 files, which a shared cluster's other users could not read. The folder is
+    created if missing.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = usual_mode(path.parent)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_component(folder: str | os.PathLike, config: dict, state: dict, weights_name: str) -> Path:
+    """One component folder in the published layout: ``config.json`` and one safetensors file of ``state``
+    (tensors made contiguous), each written whole by :func:`atomic_path`. Returns the folder."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with atomic_path(folder / weights_name) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    return folder

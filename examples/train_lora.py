@@ -6,9 +6,9 @@ DATA), the layout of CogVideo's ``finetune/``. OUTPUT receives ``pytorch_lora_we
 ``pipe.load_lora(OUTPUT)``. Multi-GPU: ``torchrun --nproc_per_node=N examples/train_lora.py ...`` (each process
 takes every N-th clip; gradients are averaged by DDP).
 
-Clips are resized to the model's training size and cut to its frame count (49, or 81 for 1.5; use fewer with
-FRAMES=17 in the environment for a quick try). Latents and prompt embeddings are computed once, then the text
-encoder leaves the GPU. See docs/training.md.
+Clips are resized to the model's training size (``request.default_size``: 480x720 for 1.0, 768x1360 for 1.5) and
+cut to its frame count (49, or 81 for 1.5; use fewer with FRAMES=17 in the environment for a quick try). Latents
+and prompt embeddings are computed once, then the text encoder leaves the GPU. See docs/training.md.
 """
 
 import logging
@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from cogvideox import Pipeline, load_video
 from cogvideox.processing import video_to_tensor
+from cogvideox.request import default_size
 from cogvideox.training import (
     DiffusionObjective,
     Trainer,
@@ -37,6 +38,8 @@ steps = int(sys.argv[4]) if len(sys.argv) > 4 else 1000
 
 # torchrun sets these; a plain `python` run is one process.
 if "LOCAL_RANK" in os.environ:
+    if torch.cuda.is_available():  # NCCL collectives (the generator states in save_state) use the current device
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -46,7 +49,7 @@ dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 pipe = Pipeline.from_pretrained(model, dtype=dtype, device=device, text_encoder_offload=False)
 config = pipe.transformer.config
 frames = int(os.environ.get("FRAMES", config.sample_frames))
-height, width = config.sample_height * 8, config.sample_width * 8
+height, width = default_size(config)  # the pipeline's default size: 480x720 (1.0), 768x1360 (1.5)
 
 # 1. Encode this process's share of the data once: latents [1, F', C, h, w], prompt embeddings [1, 226, 4096].
 prompts = (data / "prompts.txt").read_text().splitlines()

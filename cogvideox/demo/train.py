@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from ..atomic import write_component
 from ..configs import config_to_dict
 from ..text import T5Encoder, T5Tokenizer
 from ..training.objective import DiffusionObjective
@@ -161,26 +161,18 @@ def train_denoiser(
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def _write_component(folder: Path, module: torch.nn.Module, config: dict, weights_name: str) -> None:
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(folder / weights_name), metadata={"format": "pt"})
-
-
 def write_pipeline(out: Path, tokenizer_folder: Path, vae: VAE, encoder: T5Encoder, transformer: Transformer) -> None:
     """Write the published folder layout to a sibling temporary folder, then rename it to ``out``."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copytree(tokenizer_folder, tmp / "tokenizer")
-    _write_component(tmp / "vae", vae, config_to_dict(vae.config, "AutoencoderKLCogVideoX"),
-                     "diffusion_pytorch_model.safetensors")  # fmt: skip
+    weights = "diffusion_pytorch_model.safetensors"
+    write_component(tmp / "vae", config_to_dict(vae.config, "AutoencoderKLCogVideoX"), vae.state_dict(), weights)
     t5_config = {"architectures": ["T5EncoderModel"], "model_type": "t5", **config_to_dict(encoder.config)}
-    _write_component(tmp / "text_encoder", encoder, t5_config, "model.safetensors")
-    _write_component(tmp / "transformer", transformer,
-                     config_to_dict(transformer.config, "CogVideoXTransformer3DModel"),
-                     "diffusion_pytorch_model.safetensors")  # fmt: skip
+    write_component(tmp / "text_encoder", t5_config, encoder.state_dict(), "model.safetensors")
+    transformer_config = config_to_dict(transformer.config, "CogVideoXTransformer3DModel")
+    write_component(tmp / "transformer", transformer_config, transformer.state_dict(), weights)
     (tmp / "scheduler").mkdir()
     scheduler = config_to_dict(model_configs.SCHEDULER, "CogVideoXDDIMScheduler")
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")

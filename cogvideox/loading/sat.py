@@ -24,7 +24,6 @@ Checkpoints are opened with ``torch.load(weights_only=True)`` only: a pickle can
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,6 +32,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from ..atomic import usual_mode, write_component
 
 logger = logging.getLogger(__name__)
 
@@ -165,14 +166,6 @@ def load_sat_transformer(
     return model
 
 
-def _write_component(folder: Path, config: dict, state: dict[str, torch.Tensor], weights_name: str) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / weights_name), metadata={"format": "pt"})
-
-
 def convert_sat(
     transformer_checkpoint: str | Path | None,
     output: str | Path,
@@ -215,7 +208,8 @@ def convert_sat(
         for name, config, state, weights_name in components:
             if dtype is not None:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            _write_component(staging / name, config, state, weights_name)
+            write_component(staging / name, config, state, weights_name)
+        os.chmod(staging, usual_mode(output.parent, directory=True))  # mkdtemp's folder is private (0700)
         os.replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

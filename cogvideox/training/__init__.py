@@ -3,7 +3,15 @@
 See docs/training.md. Nothing here runs at import; ``torch.distributed`` is used only when initialised.
 """
 
-from .conditioning import drop_captions, encode_video, image_latents, noise_image, ofs_for, pad_to_temporal_patch
+from .conditioning import (
+    drop_captions,
+    drop_image_latents,
+    encode_video,
+    image_latents,
+    noise_image,
+    ofs_for,
+    pad_to_temporal_patch,
+)
 from .framepack import PackedClips, pack_clips, pad_like
 from .lora import TrainableLoraAdapter, inject_lora, lora_parameters, lora_state_dict, save_lora, trainable_adapters
 from .objective import DiffusionObjective
@@ -29,6 +37,7 @@ __all__ = [
     "constant_with_warmup",
     "distributed_ready",
     "drop_captions",
+    "drop_image_latents",
     "encode_video",
     "image_latents",
     "inject_lora",

@@ -118,10 +118,28 @@ def image_latents(
     latents = latents / factor if vae.invert_scale_latents else latents * factor
     padding = latents.new_zeros(latents.shape[0], num_latent_frames - 1, *latents.shape[2:])
     latents = torch.cat([latents, padding], dim=1)
-    if dropout > 0:
-        keep = torch.rand(latents.shape[0], generator=generator, device=_device_of(generator)) >= dropout
-        latents = latents * keep.to(latents.device, latents.dtype)[:, None, None, None, None]
-    return latents
+    return drop_image_latents(latents, dropout, generator=generator)
+
+
+def drop_image_latents(
+    latents: torch.Tensor, probability: float, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Image dropout: zero each sample's whole image conditioning with probability ``p`` (SAT
+    ``noised_image_dropout``), so the model also learns to generate without the image.
+
+    Args:
+        latents: image latents ``[B, F, C, h, w]`` (from :func:`image_latents`, or made beforehand).
+        probability: in [0, 1]; 0 returns ``latents`` itself and draws nothing from ``generator``.
+        generator: draws one uniform number per sample.
+    Returns:
+        ``[B, F, C, h, w]``, a new tensor unless ``probability`` is 0 (the input is not modified).
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"image dropout probability={probability}: must be in [0, 1]")
+    if probability == 0:
+        return latents
+    keep = torch.rand(latents.shape[0], generator=generator, device=_device_of(generator)) >= probability
+    return latents * keep.to(latents.device, latents.dtype).reshape(-1, *([1] * (latents.ndim - 1)))
 
 
 def pad_to_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
@@ -209,6 +227,7 @@ __all__ = [
     "IMAGE_NOISE_LOG_STD",
     "OFS",
     "drop_captions",
+    "drop_image_latents",
     "encode_video",
     "image_latents",
     "noise_image",

@@ -22,14 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from ..lora import LoraLinear, lora_layers
 from ..lora.formats import LORA_WEIGHT_NAME, METADATA_KEY
 
@@ -259,7 +258,8 @@ def save_lora(
 ) -> Path:
     """Write the adapter as ``folder/pytorch_lora_weights.safetensors`` (diffusers/peft layout + metadata).
 
-    The file is written to a temporary name in ``folder`` and renamed, so a reader never sees half a file.
+    The file is written to a temporary name in ``folder`` and renamed (``cogvideox.atomic.atomic_path``), so a
+    reader never sees half a file; it gets the user's usual permissions (umask), like any file they write.
     Call it on one process only (the trainer does it on rank 0).
 
     Returns:
@@ -271,17 +271,9 @@ def save_lora(
     tensors, config = lora_state_dict(model, adapter_name, dtype=dtype)
     metadata = {"format": "pt", METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()},
                                                           indent=2, sort_keys=True)}  # fmt: skip
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / weight_name
-    handle, temporary = tempfile.mkstemp(prefix=f".{weight_name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    target = Path(folder) / weight_name
+    with atomic_path(target) as temporary:  # atomic_path also undoes save_file's private 0600 mode
+        save_file(tensors, str(temporary), metadata=metadata)
     logger.info("saved LoRA %r (%d tensors) to %s", adapter_name, len(tensors), target)
     return target
 

@@ -13,7 +13,8 @@ weight decay 1e-4, max grad norm 1.0, ``constant_with_warmup`` with 100 warmup s
 When ``torch.distributed`` is initialised (``torchrun``), the model is wrapped in ``DistributedDataParallel``:
 each process runs its own batch and gradients are averaged, so N processes with batch b each step like one
 process with the N*b batch (``tests/training/test_ddp.py`` checks it with two processes). Only rank 0 writes
-files, each written to a temporary name and renamed.
+files, each written to a temporary name and renamed (``cogvideox.atomic.atomic_path``); a saved state holds
+every process's generator so each resumes its own random stream.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..atomic import atomic_path
 from ..lora.formats import LORA_WEIGHT_NAME
 from ..samplers import randn
 from ..transformer import Transformer
@@ -140,15 +140,13 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.Module:
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without ``torch.distributed``."""
+    return (dist.get_rank(), dist.get_world_size()) if distributed_ready() else (0, 1)
 
 
 class Trainer:
@@ -228,7 +226,10 @@ class Trainer:
                 raise ValueError("this transformer is text-to-video (in_channels == out_channels): drop images")
             return None
         if batch.image_latents is not None:
-            return batch.image_latents
+            # The same per-sample dropout as for encoded images (image_latents(dropout=)), drawn from our generator.
+            return conditioning.drop_image_latents(
+                batch.image_latents, self.config.image_dropout, generator=self.generator
+            )
         if batch.images is None:
             raise ValueError(
                 "this transformer is image-to-video: give the batch images ([B, 3, H, W] first frames, with "
@@ -334,23 +335,42 @@ class Trainer:
         return {id(p): name for name, p in self.transformer.named_parameters()}
 
     def save_state(self, path: str | Path) -> None:
-        """Save what resuming needs (trainable tensors, optimiser, schedule, step, generator) on rank 0."""
-        if is_main_process():
+        """Save what resuming needs (trainable tensors, optimiser, schedule, step, every rank's generator).
+
+        Call it on every process: the generator states are gathered to rank 0 (``all_gather_object``), which
+        writes the file; the others wait at a barrier. Each process draws its own timesteps, noise and dropouts,
+        so each needs its own generator back on resume, not rank 0's."""
+        rank, world = _world()
+        generators = [self.generator.get_state()]
+        if world > 1:
+            generators = [None] * world
+            dist.all_gather_object(generators, self.generator.get_state())
+        if rank == 0:
             names = self._trainable_names()
             state = {
                 "step": self.step_count,
                 "parameters": {names[id(p)]: p.detach().cpu() for p in self.parameters},
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "generator": self.generator.get_state(),
+                "generators": generators,  # index = rank
             }
             _atomic_torch_save(state, Path(path))
-        if distributed_ready():
+        if world > 1:
             dist.barrier()
 
     def load_state(self, path: str | Path) -> None:
-        """Resume from :meth:`save_state` (the same model, LoRA injected the same way)."""
+        """Resume from :meth:`save_state` (the same model, LoRA injected the same way, the same process count);
+        each process gets back its own generator state."""
         state = torch.load(path, map_location="cpu", weights_only=True)
+        rank, world = _world()
+        # Files from before the per-rank states held one "generator" (rank 0's); they resume one process only.
+        generators = state["generators"] if "generators" in state else [state["generator"]]
+        if len(generators) != world:
+            raise ValueError(
+                f"{path} was saved by {len(generators)} process(es) but this run has {world}: each process resumes "
+                f"its own random stream, so resume with the same number of processes (torchrun "
+                f"--nproc_per_node={len(generators)})"
+            )
         names = self._trainable_names()
         saved = state["parameters"]
         missing = [names[id(p)] for p in self.parameters if names[id(p)] not in saved]
@@ -361,7 +381,7 @@ class Trainer:
                 p.copy_(saved[names[id(p)]])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(generators[rank])
         self.step_count = int(state["step"])
 
 

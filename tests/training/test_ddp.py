@@ -1,10 +1,12 @@
 """DistributedDataParallel: two gloo processes, each with half the batch, step exactly like one process with the
-whole batch (gradients are averaged, and the loss is a mean over clips); only rank 0 writes the LoRA file."""
+whole batch (gradients are averaged, and the loss is a mean over clips); only rank 0 writes the LoRA file; a saved
+state gives each rank back its own random stream."""
 
 from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -45,6 +47,12 @@ def _worker(rank: int, port: int, folder: str) -> None:
         path = trainer.save_lora(folder)
         torch.save([p.detach() for p in lora_parameters(model)], f"{folder}/rank{rank}.pt")
         assert path.is_file()
+        # Resume into a fresh random stream: each rank must continue its own, as if never interrupted.
+        trainer.save_state(f"{folder}/state.pt")
+        uninterrupted = torch.rand(8, generator=trainer.generator)
+        trainer.generator = torch.Generator().manual_seed(123)
+        trainer.load_state(f"{folder}/state.pt")
+        torch.save([uninterrupted, torch.rand(8, generator=trainer.generator)], f"{folder}/draws{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -63,4 +71,12 @@ def test_two_processes_step_like_one_with_the_whole_batch(tmp_path):
             assert torch.allclose(a, b, rtol=0, atol=1e-6), (rank, (a - b).abs().max())
             worst = max(worst, (a - b).abs().max().item())
     print(f"DDP vs one process: max |difference| {worst:.1e}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_lora_weights.safetensors", "rank0.pt", "rank1.pt"]
+    files = ["draws0.pt", "draws1.pt", "pytorch_lora_weights.safetensors", "rank0.pt", "rank1.pt", "state.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+    draws = [torch.load(tmp_path / f"draws{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    for uninterrupted, resumed in draws:
+        assert torch.equal(resumed, uninterrupted)
+    assert not torch.equal(draws[0][1], draws[1][1])  # the ranks' streams differ after the resume too
+    with pytest.raises(ValueError, match=r"saved by 2 process\(es\) but this run has 1: .* --nproc_per_node=2"):
+        trainer.load_state(tmp_path / "state.pt")

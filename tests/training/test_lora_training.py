@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from cogvideox.lora import fuse_lora, load_lora, loaded_adapters, unfuse_lora
+from cogvideox.lora import fuse_lora, load_lora, loaded_adapters, set_adapters, unfuse_lora
 from cogvideox.training import (
     Trainer,
     TrainingBatch,
@@ -75,7 +76,15 @@ def test_saved_file_layout_and_metadata(trained):
     assert len(keys) == 16 and "transformer.transformer_blocks.1.attn1.to_out.0.lora_B.weight" in keys
     assert metadata["transformer.r"] == RANK and metadata["transformer.lora_alpha"] == ALPHA
     assert sorted(metadata["transformer.target_modules"]) == ["to_k", "to_out.0", "to_q", "to_v"]
-    assert not list(path.parent.glob("*.tmp"))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_saved_file_has_the_usual_permissions(trained):
+    """Not private (0600, as a tempfile.mkstemp file would be): readable by whoever the umask lets read it."""
+    _, _, _, _, _, path = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def _inputs():
@@ -120,13 +129,33 @@ def test_diffusers_reads_the_saved_lora(trained, tmp_path):
     assert rel_err(got, expected) < TOL
 
 
-def test_pipeline_load_lora_after_training(trained, tmp_path):
-    """The trained adapter next to an inference adapter: both in the model, names kept apart."""
+def test_trained_adapter_next_to_an_inference_adapter(trained, tmp_path):
+    """The trained adapter next to an inference adapter: both in the model, names kept apart, and with the
+    inference adapter's weight at 0 the model is the trained one."""
     model, _, _, _, _, path = trained
-    fresh = tiny_transformer(VARIANT, seed=4)
-    name = load_lora(fresh, path, adapter_name="trained", scale=0.5)
-    assert loaded_adapters(fresh) == {"trained": 0.5}
-    assert name == "trained"
+    other = tiny_transformer(VARIANT, seed=4)
+    inject_lora(other, rank=2, alpha=2, target_modules=["to_q", "ff.net.2"], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # B = 0 at init would make it a no-op adapter
+        for b in lora_parameters(other)[1::2]:
+            b.normal_(0, 1.0, generator=torch.Generator().manual_seed(6))
+    other_path = save_lora(other, tmp_path / "inference")
+
+    fresh = tiny_transformer(VARIANT, seed=4).eval()
+    assert load_lora(fresh, path, adapter_name="trained") == "trained"
+    assert load_lora(fresh, other_path, adapter_name="inference", scale=0.5) == "inference"
+    assert loaded_adapters(fresh) == {"trained": 1.0, "inference": 0.5}
+    layer = fresh.transformer_blocks[0].attn1.to_q  # adapted by both, each keeping its own tensors (ranks 4, 2)
+    assert list(layer.adapters) == ["trained", "inference"]
+    assert [a.down.shape[0] for a in layer.adapters.values()] == [RANK, 2]
+    assert list(fresh.transformer_blocks[0].attn1.to_k.adapters) == ["trained"]
+    with torch.no_grad():
+        expected = model.eval()(*_inputs())
+        both = fresh(*_inputs())
+        set_adapters(fresh, ["trained", "inference"], [1.0, 0.0])
+        trained_only = fresh(*_inputs())
+    print(f"inference adapter at 0.5 moves the output by {rel_err(both, expected):.1e}")
+    assert rel_err(both, expected) > 1e-3  # the inference adapter does act at weight 0.5
+    assert rel_err(trained_only, expected) < TOL
 
 
 def test_inject_errors():

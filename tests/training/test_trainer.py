@@ -3,6 +3,8 @@ warmup and resuming change nothing they should not; an image-to-video step with 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -73,10 +75,29 @@ def test_save_and_resume_continue_identically(tmp_path):
     first = Trainer(tiny_transformer("5b", seed=6), objective(), config)
     first.step(batch), first.step(batch)
     first.save_state(tmp_path / "state.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "state.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # not private, as a mkstemp file is
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary file left
     resumed = Trainer(tiny_transformer("5b", seed=6), objective(), config)
     resumed.load_state(tmp_path / "state.pt")
     assert resumed.step_count == 2
     assert [resumed.step(batch).loss for _ in range(2)] == expected[2:]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 1.0])
+def test_image_dropout_applies_to_precomputed_image_latents(dropout):
+    """image_dropout zeroes image latents passed in the batch, as it does for images the trainer encodes."""
+    trainer = Trainer(tiny_transformer("1.5-i2v", seed=7), objective(), TrainingConfig(image_dropout=dropout))
+    batch = fixed_batch(frames=4)
+    image = torch.randn(2, 4, 4, 6, 10, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = trainer.compute_loss(TrainingBatch(**batch, image_latents=image), reduction="none")
+        trainer.config.image_dropout = 0.0
+        kept = trainer.compute_loss(TrainingBatch(**batch, image_latents=image), reduction="none")
+        zeroed = trainer.compute_loss(TrainingBatch(**batch, image_latents=torch.zeros_like(image)), reduction="none")
+    assert not torch.equal(kept, zeroed)  # the image latents do reach the model
+    assert torch.equal(got, zeroed if dropout == 1.0 else kept)
 
 
 def test_batch_errors():

@@ -82,3 +82,25 @@ def test_load_image_converts_every_mode_to_rgb(tmp_path, mode):
     assert loaded.mode == "RGB" and loaded.size == (20, 10)
     with pytest.raises(FileNotFoundError, match="image .*missing.png not found"):
         load_image(tmp_path / "missing.png")
+
+
+def test_atomic_path_gives_usual_permissions_even_to_private_writers(tmp_path):
+    """safetensors' save_file (and mkstemp) make 0600 files; atomic_path hands over a file with the mode a plain
+    open() would give, and leaves no temporary behind."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from cogvideox.atomic import atomic_path, usual_mode
+
+    target = tmp_path / "w.safetensors"
+    with atomic_path(target) as tmp:
+        save_file({"x": torch.zeros(2)}, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~umask) == oct(usual_mode(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "failed.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cogvideox import Transformer
+from cogvideox.atomic import usual_mode
 from cogvideox.loading.sat import convert_sat, load_sat_transformer, read_sat_checkpoint, sat_vae_state_dict
 from tests.helpers import randomize_, rel_err
 
@@ -97,6 +98,9 @@ def test_sat_transformer_converts_to_the_reference(variant, tmp_path):
     assert sorted(p.name for p in (out / "transformer").iterdir()) == [
         "config.json", "diffusion_pytorch_model.safetensors"
     ]  # fmt: skip
+    # Readable like any folder the user makes (mkdtemp staging and safetensors' writer are private otherwise).
+    assert out.stat().st_mode & 0o777 == usual_mode(tmp_path, directory=True)
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777 == usual_mode(tmp_path)
     ours = Transformer.from_pretrained(out / "transformer").eval()
 
     gen = torch.Generator().manual_seed(0)
