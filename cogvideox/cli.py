@@ -128,6 +128,12 @@ def generate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--output {output}: use one of {', '.join(VIDEO_SUFFIXES)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     parallel = _parallel_config(args)
+    if parallel is not None and args.offload != "none":  # before init and minutes of loading
+        raise ValueError(
+            f"--offload {args.offload} with --ulysses-degree / --cfg-parallel (or under torchrun): parallel inference "
+            "is not combined with CPU offload (untested); drop --offload (each rank holds the model on its own GPU) "
+            "or run one process"
+        )
     if parallel is not None:
         from .distributed import init_from_env
 

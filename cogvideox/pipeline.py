@@ -63,6 +63,21 @@ class PipelineOutput:
     frames: Any
 
 
+# Offload modes that move the transformer off its device between uses: untested with parallel inference (the
+# collectives expect every rank's transformer and tensors on its own GPU), so the two are refused together. The
+# text encoder's offload ("text") keeps the transformer in place and is on by default for CUDA pipelines.
+_OFFLOAD_MODES_REFUSED_WITH_PARALLEL = ("model", "sequential")
+
+
+def _offload_with_parallel_message(mode: str) -> str:
+    return (
+        f"CPU offload {mode!r} (enable_{mode}_cpu_offload, --offload {mode}) and parallel inference "
+        "(enable_parallel / parallel=, --ulysses-degree / --cfg-parallel) cannot be combined: they are untested "
+        "together. Use one of them: parallel ranks each hold the whole model on their own GPU, or run one process "
+        "with offload (disable_cpu_offload() or disable_parallel() switches)"
+    )
+
+
 def _fail_together_when_parallel(call: Callable) -> Callable:
     """Under parallel inference, an error on any rank ends the call on every rank (cogvideox.distributed)."""
 
@@ -176,19 +191,24 @@ class Pipeline:
         """Keep only the text encoder in (pinned) host memory: it visits ``device`` to encode and leaves right
         after, so the 9 GB of T5-XXL are not resident during denoising and decoding. Costs one host-to-device copy
         of the encoder per call (~0.4 s for T5-XXL on PCIe 4); on by default for pipelines loaded onto CUDA."""
-        self.memory.enable(self, "text", device)
+        self._enable_offload("text", device)
 
     def enable_model_cpu_offload(self, device: torch.device | str = "cuda") -> None:
         """Keep the components in host memory; each moves to ``device`` while it runs (the text encoder leaves
         right after encoding, the transformer stays for the denoising loop, the VAE comes in to encode/decode).
         Exact; costs one host-device copy of each component per call. See docs/performance.md."""
-        self.memory.enable(self, "model", device)
+        self._enable_offload("model", device)
 
     def enable_sequential_cpu_offload(self, device: torch.device | str = "cuda") -> None:
         """As :meth:`enable_model_cpu_offload`, and the transformer's and text encoder's blocks stream from pinned
         host memory one at a time, the next block's copy overlapping the current block's compute. Exact; lowest
         memory. See :mod:`cogvideox.offload`."""
-        self.memory.enable(self, "sequential", device)
+        self._enable_offload("sequential", device)
+
+    def _enable_offload(self, mode: str, device: torch.device | str) -> None:
+        if mode in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL and self.parallel is not None:
+            raise ValueError(_offload_with_parallel_message(mode))
+        self.memory.enable(self, mode, device)
 
     def disable_cpu_offload(self) -> None:
         """Remove the offload hooks; the components stay in host memory (move them with ``.to(device)``)."""
@@ -220,6 +240,8 @@ class Pipeline:
         An error on one rank ends the call on all (docs/distributed.md). Callbacks must act alike on every rank
         (an ``interrupt`` set on one rank only leaves the others waiting until the timeout).
         """
+        if self.memory.mode in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL:
+            raise ValueError(_offload_with_parallel_message(self.memory.mode))
         self.disable_parallel()
         config = config or ParallelConfig(ulysses_degree=ulysses_degree, cfg_degree=cfg_degree)
         self.parallel = ParallelInference(self.transformer, config, group, timeout=timeout)

@@ -15,7 +15,7 @@ See docs/distributed.md for the layout, the communication volume of each mode an
 """
 
 from .failure import PeerFailure, fail_together, tear_down
-from .groups import DEFAULT_TIMEOUT, ParallelConfig, ParallelState, init_from_env
+from .groups import DEFAULT_TIMEOUT, ParallelConfig, ParallelState, collective_device, global_rank, init_from_env
 from .guidance import GuidanceSplit, broadcast_from_main, guidance_split, shared_generator
 from .inference import ParallelInference
 from .ulysses import UlyssesParallel, disable_sequence_parallel, enable_sequence_parallel
@@ -30,10 +30,12 @@ __all__ = [
     "PeerFailure",
     "UlyssesParallel",
     "broadcast_from_main",
+    "collective_device",
     "decode_parallel",
     "disable_sequence_parallel",
     "enable_sequence_parallel",
     "fail_together",
+    "global_rank",
     "guidance_split",
     "init_from_env",
     "shared_generator",

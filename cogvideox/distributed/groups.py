@@ -14,6 +14,12 @@ crosses nodes.
 
 Nothing here runs at import. Every object holds its process groups; nothing is read from a global except
 ``torch.distributed``'s own default group when no parent group is given.
+
+Which groups are whose: the caller owns the parent group (the one passed to :class:`ParallelState`, or the default
+group) and never loses it. :class:`ParallelState` creates its own groups with ``new_group``: a copy of the parent
+(for the broadcasts and gathers that span every rank), the Ulysses groups and the guidance groups. Only those are
+destroyed when a call fails (:mod:`cogvideox.distributed.failure`), so a failure ends this package's parallel runs
+but leaves the caller's distributed session, and any group of its own, working.
 """
 
 from __future__ import annotations
@@ -73,18 +79,41 @@ class ParallelConfig:
             )
 
 
+def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    """The global rank of rank ``group_rank`` of ``group`` (None: the default group, whose ranks are global).
+    Collectives name their source or destination by global rank, whatever group they run on."""
+    return dist.get_global_rank(group, group_rank) if group is not None else group_rank
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a small control tensor (a seed, a flag, a frame count) must live for a collective on ``group``.
+
+    NCCL moves CUDA tensors only, and uses the process's current CUDA device (``init_from_env`` sets it to
+    ``cuda:LOCAL_RANK``); every other backend (gloo, MPI, a mixed ``cpu:gloo,cuda:nccl`` group) takes CPU tensors.
+    The rule does not follow any model's device: under CPU offload a component sits in host memory between its
+    uses, while the group still needs its own device.
+    """
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class ParallelState:
     """The process groups of one :class:`ParallelConfig`, built from a parent group (default: the whole world).
 
     Attributes:
         config: the layout.
-        group: the parent group (``None`` = torch.distributed's default group).
+        parent: the caller's group (``None`` = torch.distributed's default group); never destroyed here.
+        group: this package's copy of ``parent`` (same ranks, with ``timeout``): the broadcasts, the decode's gathers
+            and the other whole-world collectives run on it, so that a failure can tear it down alone.
         rank, world_size: this process's rank in the parent group, and its size.
         ulysses_group, ulysses_rank: the ``U`` ranks sharing a forward pass, and this rank's place among them.
         cfg_group, cfg_rank: the ranks holding the same tokens in the other guidance branch; ``cfg_rank`` is the
             branch this rank computes (0 unconditional, 1 conditional).
 
     All ranks of the parent group must build it together, with the same config (``new_group`` is collective).
+    :meth:`owned_groups` lists the groups it created, the only ones a failure destroys.
     """
 
     def __init__(
@@ -101,7 +130,7 @@ class ParallelState:
                 "enabling parallel inference"
             )
         self.config = config
-        self.group = group
+        self.parent = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         config.check_world_size(self.world_size)
@@ -109,19 +138,24 @@ class ParallelState:
         self.aborted: str | None = None  # why the groups were torn down, once they were
         u_deg, c_deg = config.ulysses_degree, config.cfg_degree
         self.cfg_rank, self.ulysses_rank = divmod(self.rank, u_deg)
-        global_rank = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)]
-        # new_group is collective over the parent group: every rank creates every group, in the same order.
+        global_ranks = [global_rank(group, r) for r in range(self.world_size)]
+        # new_group is collective over the parent group: every rank creates every group, in the same order. Under
+        # a sub-group parent the ranks outside it do not take part, so the groups are made with local
+        # synchronisation (named after their ranks, not after a world-wide counter that those ranks would not
+        # advance: two halves of a world running side by side would otherwise create groups of the same name).
+        local = {"use_local_synchronization": group is not None and self.world_size != dist.get_world_size()}
+        self.group: dist.ProcessGroup | None = dist.new_group(global_ranks, timeout=timeout, **local)
         self.ulysses_group = self.cfg_group = None
         if u_deg > 1:
             for c in range(c_deg):
-                ranks = [global_rank[c * u_deg + u] for u in range(u_deg)]
-                made = dist.new_group(ranks, timeout=timeout)
+                ranks = [global_ranks[c * u_deg + u] for u in range(u_deg)]
+                made = dist.new_group(ranks, timeout=timeout, **local)
                 if c == self.cfg_rank:
                     self.ulysses_group = made
         if c_deg > 1:
             for u in range(u_deg):
-                ranks = [global_rank[c * u_deg + u] for c in range(c_deg)]
-                made = dist.new_group(ranks, timeout=timeout)
+                ranks = [global_ranks[c * u_deg + u] for c in range(c_deg)]
+                made = dist.new_group(ranks, timeout=timeout, **local)
                 if u == self.ulysses_rank:
                     self.cfg_group = made
         logger.info(
@@ -136,13 +170,19 @@ class ParallelState:
 
     def main_global_rank(self) -> int:
         """The global rank of the parent group's rank 0 (collectives name their source by global rank)."""
-        return dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        return global_rank(self.parent, 0)
+
+    def owned_groups(self) -> list[dist.ProcessGroup]:
+        """The live groups this state created (its copy of the parent, this rank's Ulysses and guidance groups);
+        never the caller's group or the default group."""
+        return [g for g in (self.group, self.ulysses_group, self.cfg_group) if g is not None]
 
     def check_alive(self) -> None:
         if self.aborted is not None:
             raise RuntimeError(
-                f"the parallel process groups were torn down after a failure ({self.aborted}); start a new run "
-                "(initialize torch.distributed again and call enable_parallel)"
+                f"the parallel process groups were torn down after a failure ({self.aborted}); call "
+                "pipe.enable_parallel(...) again on every rank to build new ones (torch.distributed itself, and the "
+                "group you passed, are still there)"
             )
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .groups import ParallelState
+from .groups import ParallelState, collective_device
 
 
 class GuidanceSplit:
@@ -59,17 +59,13 @@ def broadcast_from_main(state: ParallelState, *tensors: torch.Tensor | None) -> 
 
 
 def shared_generator(
-    state: ParallelState,
-    generator: torch.Generator | list[torch.Generator] | None,
-    device: torch.device | None = None,
+    state: ParallelState, generator: torch.Generator | list[torch.Generator] | None
 ) -> torch.Generator | list[torch.Generator]:
     """``generator`` itself when given (every rank must pass the same seed: the CLI does); otherwise a CPU
-    generator seeded by rank 0's global random state, the same on every rank. ``device``: where this rank's
-    collectives run (its GPU under NCCL, which moves device tensors only)."""
+    generator seeded by rank 0's global random state, the same on every rank. The seed travels on the device the
+    group's backend needs (:func:`~cogvideox.distributed.groups.collective_device`: the current GPU under NCCL)."""
     if generator is not None:
         return generator
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-    if device is not None:
-        seed = seed.to(device)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(collective_device(state.group))
     dist.broadcast(seed, src=state.main_global_rank(), group=state.group)
     return torch.Generator().manual_seed(int(seed.item()))

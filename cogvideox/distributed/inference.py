@@ -3,6 +3,11 @@
 It holds the process groups (:class:`ParallelState`), the transformer's Ulysses hooks and the guidance split,
 and offers the pipeline the few calls its loop needs: which guidance half to compute and how to combine the
 predictions, identical inputs on every rank, the parallel decode, rank-0-only output, and the failure guard.
+
+The failure guard needs to know whether a call has started communicating (an error before that is re-raised and
+tears nothing down, see failure.py): every method here that runs a collective marks it first. The pipeline's first
+collective of a call is always one of these (the seed broadcast, or the broadcast of the initial inputs); the
+Ulysses and guidance exchanges inside the transformer come after it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .failure import fail_together
-from .groups import ParallelConfig, ParallelState
+from .groups import ParallelConfig, ParallelState, collective_device
 from .guidance import GuidanceSplit, broadcast_from_main, guidance_split, shared_generator
 from .ulysses import UlyssesParallel, disable_sequence_parallel, enable_sequence_parallel
 from .vae import decode_parallel
@@ -43,6 +48,7 @@ class ParallelInference:
         self.transformer = transformer
         self.ulysses: UlyssesParallel | None = enable_sequence_parallel(transformer, self.state.ulysses_group)
         self.guidance: GuidanceSplit | None = guidance_split(self.state)
+        self.communicating = False  # set when the current call starts its first collective (see guard)
 
     @property
     def config(self) -> ParallelConfig:
@@ -60,9 +66,19 @@ class ParallelInference:
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
-        """Around one pipeline call: an error on any rank ends the call on every rank (see failure.py)."""
-        with fail_together(self.state, self.release):
-            yield
+        """Around one pipeline call: an error on any rank after the call's first collective ends the call on every
+        rank and tears down this package's groups; an earlier error (argument checks) only propagates (see
+        failure.py)."""
+        self.communicating = False
+        try:
+            with fail_together(self.state, self.release, started=lambda: self.communicating):
+                yield
+        finally:
+            self.communicating = False
+
+    def _collective(self) -> None:
+        """Mark that the current call communicates from now on (call before each collective)."""
+        self.communicating = True
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -79,22 +95,29 @@ class ParallelInference:
 
     def same_on_every_rank(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
         """Rank 0's copies (the initial latents, image latents, text embeddings)."""
+        self._collective()
         return broadcast_from_main(self.state, *tensors)
 
     def generator(
         self, generator: torch.Generator | list[torch.Generator] | None
     ) -> torch.Generator | list[torch.Generator]:
-        return shared_generator(self.state, generator, self.transformer.device)
+        """``generator`` when given; otherwise one seeded alike on every rank (one broadcast)."""
+        if generator is not None:
+            return generator
+        self._collective()
+        return shared_generator(self.state, None)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any: one decision for choices made from per-rank facts
         (the free memory that decides automatic VAE tiling), so that no rank decodes alone while others wait."""
-        value = torch.tensor([int(flag)], device=self.transformer.device)
+        self._collective()
+        value = torch.tensor([int(flag)], device=collective_device(self.state.group))
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.state.group)
         return bool(value.item())
 
     def decode(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor | None:
         """Tiles over the whole world, video on rank 0 (None elsewhere); see :func:`decode_parallel`."""
+        self._collective()
         return decode_parallel(vae, z, self.state.group, dst=0)
 
     def __repr__(self) -> str:

@@ -1,16 +1,22 @@
 """Ulysses sequence parallel for the CogVideoX transformer (Jacobs et al., DeepSpeed-Ulysses, arXiv 2309.14509).
 
 The ``U`` ranks of a Ulysses group share one forward pass. Each holds every text token (``L``, replicated) and a
-contiguous ``1/U`` share of the video tokens (``S_loc = ceil(S / U)``; the video is padded with masked tokens to
-``U * S_loc``, so any latent size works). Everything in a block except attention acts per token and runs on the
-local tokens with no communication. Attention needs every token, so around it:
+contiguous ``1/U`` share of the video tokens (``S_loc = ceil(S / U)``; the video is padded with
+``pad = U * S_loc - S`` zero tokens at its end, so any latent size works). Everything in a block except attention
+acts per token and runs on the local tokens with no communication. Attention needs every token, so around it:
 
     q, k, v (local)   [B, L + S_loc, H, hd]          heads padded to H' = U * ceil(H / U)
       video part  --all-to-all-->  [B, U * S_loc, H'/U, hd]   all tokens, this rank's H'/U heads
       text part   --slice------->  [B, L,         H'/U, hd]   (replicated: no communication)
-    attention over [text; all video] for H'/U heads, padding keys masked
+    k, v: the last ``pad`` video rows (the padding, one block at the end) dropped -> [B, L + S, H'/U, hd]
+    attention of the [text; all video] queries over [text; real video] keys, for H'/U heads
     out  --all-to-all-->  [B, L + S_loc, H', hd]: this rank's video tokens and every text token, all heads
                                                   (the text rows ride along in the same all-to-all)
+
+Dropping the padding keys instead of masking them keeps the kernel call mask-free: "flash" and "sage" take no
+mask at all, and PyTorch's SDPA leaves its FlashAttention kernel for a slower one whenever a mask is given. The
+padding queries stay (their rows keep the all-to-all regular); their outputs are dropped by :meth:`gather`. Only a
+caller's ``frame_mask`` still needs a mask, over the ``L + S`` real keys.
 
 Per block this moves ``3 * B * S * D / U`` values out of each rank and ``B * (S + U * L) * D / U`` back
 (``D`` = H' x hd); docs/distributed.md works out the volume per step.
@@ -52,6 +58,8 @@ class UlyssesParallel:
         self.rank = dist.get_rank(group)
         self.num_heads = num_heads
         self.local_heads = -(-num_heads // self.degree)  # ceil
+        # S of the forward pass in progress, recorded by shard(): attention drops the keys past it (the padding).
+        self.video_tokens: int | None = None
         padded = self.local_heads * self.degree
         if padded != num_heads:
             logger.info(
@@ -82,10 +90,11 @@ class UlyssesParallel:
             text_len: ``L``.
         Returns:
             video ``[B, S_loc, D]``; rotary ``[L + S_loc, 1, hd]`` (text rows, then this rank's rows; identity
-            rows for padding tokens); key mask ``[B, L + U * S_loc]`` over the *whole* padded sequence (attention
-            sees every key after the all-to-all), None when there is neither padding nor a mask.
+            rows for padding tokens); ``key_mask`` unchanged: ``[B, L + S]`` over the whole *unpadded* sequence
+            (attention sees every real key after the all-to-all and drops the padding ones), or None.
         """
         batch, tokens, _ = video.shape
+        self.video_tokens = tokens
         per_rank = self.local_tokens(tokens)
         pad = per_rank * self.degree - tokens
         start, stop = self.rank * per_rank, (self.rank + 1) * per_rank
@@ -102,10 +111,6 @@ class UlyssesParallel:
                 torch.cat([cos[:text_len], cos_video[start:stop]]),
                 torch.cat([sin[:text_len], sin_video[start:stop]]),
             )
-        if pad:
-            if key_mask is None:
-                key_mask = torch.ones(batch, text_len + tokens, dtype=torch.bool, device=video.device)
-            key_mask = torch.cat([key_mask, key_mask.new_zeros(batch, pad)], dim=1)
         return video, rotary, key_mask
 
     def gather(self, local: torch.Tensor, video_tokens: int) -> torch.Tensor:
@@ -130,13 +135,20 @@ class UlyssesParallel:
             q, k, v: ``[B, L + S_loc, H, hd]`` (normalised and rotated) for the text tokens and this rank's video
                 tokens.
             text_len: ``L``.
-            key_mask: ``[B, L + U * S_loc]`` bool over the whole padded sequence, or None.
+            key_mask: ``[B, L + S]`` bool over the whole unpadded sequence (a caller's ``frame_mask``), or None.
         Returns:
             ``[B, L + S_loc, H, hd]``: attention output for the same tokens, all heads.
         """
         degree, heads = self.degree, self.local_heads
         batch, tokens, num_heads, head_dim = q.shape
         per_rank = tokens - text_len
+        video_tokens = self.video_tokens
+        if video_tokens is None or per_rank != self.local_tokens(video_tokens):
+            raise RuntimeError(
+                f"Ulysses attention got {per_rank} local video tokens per rank, which does not fit the "
+                f"{video_tokens} video tokens recorded by shard(): the transformer must call shard() before its "
+                "blocks in the same forward pass (see Transformer.forward)"
+            )
         qkv = torch.stack([q, k, v])  # [3, B, N_loc, H, hd]
         if heads * degree != num_heads:
             qkv = torch.cat([qkv, qkv.new_zeros(*qkv.shape[:3], heads * degree - num_heads, head_dim)], dim=3)
@@ -148,10 +160,12 @@ class UlyssesParallel:
         dist.all_to_all_single(received, send, group=self.group)
         video = received.permute(1, 2, 0, 3, 4, 5).reshape(3, batch, degree * per_rank, heads, head_dim)
         text = text[:, :, :, self.rank * heads : (self.rank + 1) * heads]
-        q, k, v = torch.cat([text, video], dim=2).transpose(2, 3).unbind(0)  # each [B, h, L + S_pad, hd]
+        q, k, v = torch.cat([text, video], dim=2).transpose(2, 3).unbind(0)  # each [B, h, L + U S_loc, hd]
+        # The padding is the last rows of the gathered video: drop those keys rather than mask them (module doc).
+        k, v = k[:, :, : text_len + video_tokens], v[:, :, : text_len + video_tokens]  # [B, h, L + S, hd]
 
         mask = None if key_mask is None else key_mask[:, None, None, :]  # broadcast over heads and queries
-        out = attention_kernel(q, k, v, attn_mask=mask).transpose(1, 2)  # [B, L + S_pad, h, hd]
+        out = attention_kernel(q, k, v, attn_mask=mask).transpose(1, 2)  # [B, L + U S_loc, h, hd]
 
         # Back: rank j gets the text rows (all ranks computed them for their heads) and its own video tokens.
         text_out = out[:, :text_len].unsqueeze(0).expand(degree, -1, -1, -1, -1)

@@ -25,10 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..vae.tiling import run_tiled
-
-
-def _global(group: dist.ProcessGroup | None, rank: int) -> int:
-    return dist.get_global_rank(group, rank) if group is not None else rank
+from .groups import collective_device, global_rank
 
 
 def decode_parallel(
@@ -63,7 +60,7 @@ def _decode_tiled(
         if index % world == rank
     }
     # Every rank needs the frame count to size the padded buffers; a rank with no tile knows none.
-    frames = torch.tensor([max((t.shape[2] for t in mine.values()), default=0)], device=z.device)
+    frames = torch.tensor([max((t.shape[2] for t in mine.values()), default=0)], device=collective_device(group))
     dist.all_reduce(frames, op=dist.ReduceOp.MAX, group=group)
     full = (z.shape[0], vae.config.out_channels, int(frames), rows.tile * ratio, cols.tile * ratio)
 
@@ -75,7 +72,7 @@ def _decode_tiled(
             if tile is not None:
                 padded[..., : tile.shape[3], : tile.shape[4]] = tile
             received = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
-            dist.gather(padded, received, dst=_global(group, dst), group=group)
+            dist.gather(padded, received, dst=global_rank(group, dst), group=group)
             yield received
 
     if rank != dst:

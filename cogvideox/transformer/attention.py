@@ -109,10 +109,11 @@ class JointAttention(nn.Module):
     ) -> torch.Tensor:
         """x ``[B, L + S, D]`` (text tokens first); rotary (cos, signed sin) ``[L + S, 1, hd]`` float32 tables that
         leave text rows unrotated (cos 1, sin 0); key_mask ``[B, L + S]`` bool, False for padding tokens that no
-        token may attend to (Frame Pack batches, sequence-parallel padding) -> ``[B, L + S, D]``.
+        token may attend to (Frame Pack batches; built from ``Transformer.forward(frame_mask=)``) -> ``[B, L + S, D]``.
 
-        Under sequence parallel, S is this rank's share of the video tokens, ``text_len`` (L) says where they
-        start, and key_mask covers the whole padded sequence of all ranks."""
+        Under sequence parallel, S is this rank's share of the video tokens and ``text_len`` (L) says where they
+        start; the Ulysses hooks drop the padding keys they add themselves, so key_mask, when given, covers the
+        caller's unpadded sequence (see cogvideox/distributed/ulysses.py)."""
         q, k, v = self._project(x)
         q, k = self.norm_q(q), self.norm_k(k)
         if rotary is not None:

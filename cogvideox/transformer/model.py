@@ -352,7 +352,7 @@ class Transformer(nn.Module):
         rotary = self._rotary(text.shape[1], *grid, latents.device) if c.use_rotary_positional_embeddings else None
         key_mask = None if frame_mask is None else self._key_mask(frame_mask.to(latents.device), text.shape[1], grid)
         parallel = self.sequence_parallel
-        if parallel is not None:  # this rank keeps its share of the video tokens; the mask hides padding
+        if parallel is not None:  # this rank keeps its share of the video tokens
             video, rotary, key_mask = parallel.shard(video, rotary, key_mask, text.shape[1])
 
         for block in self.transformer_blocks:

@@ -243,18 +243,16 @@ class VAE(nn.Module):
             moments.append(out)
         return torch.cat(moments, dim=2) if len(moments) > 1 else moments[0]
 
+    def encode_tile_grids(self) -> tuple[TileGrid, TileGrid]:
+        """(rows, columns) geometry of the tiled encode: pixel tiles in, latent tiles out (see
+        :meth:`decode_tile_grids` for the way back)."""
+        return self._tile_grids(decoding=False)
+
     def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         if self.use_tiling and (height > self.tile_sample_min_height or width > self.tile_sample_min_width):
             ratio = self.config.spatial_compression_ratio
-            rows = make_grid(
-                self.tile_sample_min_height, self.tile_latent_min_height, self.tile_overlap_factor_height,
-                name="tile_sample_min_height / tile_overlap_factor_height",
-            )  # fmt: skip
-            cols = make_grid(
-                self.tile_sample_min_width, self.tile_latent_min_width, self.tile_overlap_factor_width,
-                name="tile_sample_min_width / tile_overlap_factor_width",
-            )  # fmt: skip
+            rows, cols = self.encode_tile_grids()
             return run_tiled(x, self._encode_frames, rows, cols, out_of=lambda n: n // ratio)
         return self._encode_frames(x)
 
@@ -288,15 +286,20 @@ class VAE(nn.Module):
     def decode_tile_grids(self) -> tuple[TileGrid, TileGrid]:
         """(rows, columns) geometry of the tiled decode, latent tiles in and pixel tiles out; shared with the
         parallel decode of :mod:`cogvideox.distributed`, which decodes tiles on several ranks and blends alike."""
-        rows = make_grid(
-            self.tile_latent_min_height, self.tile_sample_min_height, self.tile_overlap_factor_height,
-            name="tile_sample_min_height / tile_overlap_factor_height",
-        )  # fmt: skip
-        cols = make_grid(
-            self.tile_latent_min_width, self.tile_sample_min_width, self.tile_overlap_factor_width,
-            name="tile_sample_min_width / tile_overlap_factor_width",
-        )  # fmt: skip
-        return rows, cols
+        return self._tile_grids(decoding=True)
+
+    def _tile_grids(self, *, decoding: bool) -> tuple[TileGrid, TileGrid]:
+        """Both directions share one tiling, in pixels and in latents; only which side is the input differs."""
+        grids = []
+        for axis, sample, latent, overlap in (
+            ("height", self.tile_sample_min_height, self.tile_latent_min_height, self.tile_overlap_factor_height),
+            ("width", self.tile_sample_min_width, self.tile_latent_min_width, self.tile_overlap_factor_width),
+        ):
+            tile_in, tile_out = (latent, sample) if decoding else (sample, latent)
+            grids.append(
+                make_grid(tile_in, tile_out, overlap, name=f"tile_sample_min_{axis} / tile_overlap_factor_{axis}")
+            )
+        return grids[0], grids[1]
 
     def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
         if self.decodes_in_tiles(*z.shape[-2:]):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cogvideox.cli import main
-from cogvideox.distributed import ParallelConfig, ParallelState, init_from_env
+from cogvideox.distributed import ParallelConfig, ParallelState, groups, init_from_env
 
 
 @pytest.mark.parametrize(
@@ -51,3 +52,62 @@ def test_cli_parallel_flags_without_torchrun_fail_before_loading(monkeypatch, ca
     code = main(["generate", "--model", "no/such/model", "--prompt", "p", "--cfg-parallel", "--output", "x.mp4"])
     assert code == 2
     assert "not set: start the processes with torchrun" in capsys.readouterr().err
+
+
+def test_cli_refuses_offload_with_parallel_before_loading(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; the refusal comes before init and loading
+    code = main(["generate", "--model", "no/such/model", "--prompt", "p", "--offload", "model", "--ulysses-degree",
+                 "2", "--output", "x.mp4"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--offload model with --ulysses-degree / --cfg-parallel" in err
+    assert "not combined with CPU offload" in err
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    from cogvideox import Pipeline
+
+    return Pipeline.from_pretrained()  # the bundled demo model: a real pipeline in a second
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_enable_parallel_refuses_cpu_offload(demo_pipe, mode):
+    getattr(demo_pipe, f"enable_{mode}_cpu_offload")("cpu")
+    try:
+        with pytest.raises(
+            ValueError,
+            match=rf"CPU offload '{mode}' \(enable_{mode}_cpu_offload, --offload {mode}\) and parallel inference "
+            r"\(enable_parallel / parallel=, --ulysses-degree / --cfg-parallel\) cannot be combined",
+        ):
+            demo_pipe.enable_parallel(cfg_degree=2)  # refused before it looks for torch.distributed
+        assert demo_pipe.parallel is None
+    finally:
+        demo_pipe.disable_cpu_offload()
+
+
+def test_cpu_offload_refused_while_parallel(demo_pipe):
+    demo_pipe.parallel = object()  # stands for an enabled ParallelInference (needs no process group here)
+    try:
+        with pytest.raises(ValueError, match=r"CPU offload 'model' .* cannot be combined"):
+            demo_pipe.enable_model_cpu_offload("cpu")
+        assert demo_pipe.memory.mode is None
+        demo_pipe.enable_text_encoder_offload("cpu")  # the transformer stays in place: allowed (default on CUDA)
+        assert demo_pipe.memory.mode == "text"
+    finally:
+        demo_pipe.parallel = None
+        demo_pipe.disable_cpu_offload()
+
+
+def test_control_tensors_follow_the_backend_not_the_model(monkeypatch):
+    """NCCL moves CUDA tensors only, on the current device, whatever device the (maybe offloaded) model is on."""
+    monkeypatch.setattr(groups.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(groups.torch.cuda, "current_device", lambda: 3)
+    assert groups.collective_device() == torch.device("cuda", 3)
+    for backend in ("gloo", "mpi", "cpu:gloo,cuda:nccl"):
+        monkeypatch.setattr(groups.dist, "get_backend", lambda group=None, name=backend: name)
+        assert groups.collective_device() == torch.device("cpu")
+
+
+def test_global_rank_of_the_default_group_is_the_rank_itself():
+    assert groups.global_rank(None, 3) == 3

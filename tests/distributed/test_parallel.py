@@ -50,7 +50,7 @@ def case(name: str, variant: str, call: dict, ulysses: int = 1, cfg: int = 1, **
 
 
 TWO = [
-    case("5b-t2v-ulysses2-27-tokens", "5b", ODD_10, ulysses=2),
+    case("5b-t2v-ulysses2-27-tokens", "5b", ODD_10, ulysses=2, bad_call_first=True, frame_mask=True),
     case("5b-t2v-cfg2", "5b", T2V_10, cfg=2),
     case("2b-t2v-ulysses2-tiled-decode", "2b", ODD_10, ulysses=2, tiling=TILES),
     case("5b-i2v-ulysses2", "5b-i2v", T2V_10, ulysses=2, image=1),
@@ -58,7 +58,15 @@ TWO = [
     case("1.5-i2v-cfg2", "1.5-i2v", T2V_15, cfg=2, image=2),
 ]
 FOUR = [
-    case("5b-t2v-ulysses2-cfg2-27-tokens-tiled-decode", "5b", ODD_10, ulysses=2, cfg=2, tiling=TILES),
+    case(
+        "5b-t2v-ulysses2-cfg2-27-tokens-tiled-decode",
+        "5b",
+        ODD_10,
+        ulysses=2,
+        cfg=2,
+        tiling=TILES,
+        bad_call_first=True,
+    ),  # fmt: skip
     case("1.5-i2v-ulysses4-padded-heads-and-tokens", "1.5-i2v", T2V_15, ulysses=4, image=3),
     case(
         "1.5-t2v-ulysses2-cfg2-two-videos-tiled-sliced-decode",
@@ -69,7 +77,9 @@ FOUR = [
         tiling=TILES,
         slicing=True,
     ),  # fmt: skip
-    case("2b-t2v-ulysses4-cfg1-27-tokens", "2b", ODD_10, ulysses=4),
+    case("2b-t2v-ulysses4-cfg1-27-tokens", "2b", ODD_10, ulysses=4, frame_mask=True),
+    # Two caller-made sub-groups of 2 running side by side; a bad call on each first must not tear them down.
+    case("5b-t2v-ulysses2-on-each-half-sub-group", "5b", ODD_10, ulysses=2, halves=True, bad_call_first=True),
 ]
 
 
@@ -104,13 +114,28 @@ def four_processes(checkpoints, tmp_path_factory):
 
 
 def check_case(spec: dict, per_rank: list[dict]) -> None:
-    main = per_rank[0]
-    assert main["shape"] == main["expected_shape"]
-    assert main["rel_err"] <= TOL, f"{spec['name']}: relative error {main['rel_err']:.2e}"
-    assert not main["frames_is_none"]
-    assert all(r["frames_is_none"] for r in per_rank[1:]), "only rank 0 receives the frames"
+    group_size = len(per_rank) // 2 if spec.get("halves") else len(per_rank)
+    for rank, result in enumerate(per_rank):
+        if rank % group_size:
+            assert result["frames_is_none"], "only rank 0 of the (sub-)group receives the frames"
+            continue
+        assert not result["frames_is_none"]
+        assert result["shape"] == result["expected_shape"]
+        assert result["rel_err"] <= TOL, f"{spec['name']}: rank {rank}: relative error {result['rel_err']:.2e}"
+    if spec.get("halves"):
+        assert all(r["half_all_reduce"] == group_size and r["world_all_reduce"] == len(per_rank) for r in per_rank)
 
     ulysses, cfg = spec["parallel"]["ulysses_degree"], spec["parallel"]["cfg_degree"]
+    for result in per_rank:
+        assert result["collective_device"] == "cpu"  # gloo: control tensors on the CPU
+        # The parallel call ran under a kernel that refuses masks: one call per block and step, none with a mask
+        # (Ulysses drops the padding keys of the 27-token cases instead of masking them).
+        assert result["kernel_calls"] == LAYERS * STEPS
+        if spec.get("bad_call_first"):  # refused alike on every rank before any collective: nothing torn down
+            assert result["bad_call"].startswith("ValueError: num_frames=10: CogVideoX 1.0 needs 8N+1 frames")
+            assert not result["aborted_after_bad_call"]
+        if spec.get("frame_mask"):  # a caller's frame_mask still masks (the real keys only) under Ulysses
+            assert result["frame_mask_rel_err"] <= TOL, f"frame_mask: relative error {result['frame_mask_rel_err']:.2e}"
     for counts in (r["counts"] for r in per_rank):
         # Ulysses: an all-to-all before and after attention, per block and step; none without it.
         assert counts["all_to_all_single"] == (2 * LAYERS * STEPS if ulysses > 1 else 0)
@@ -143,6 +168,11 @@ def test_an_error_on_one_rank_ends_every_rank_at_once(checkpoints, tmp_path):
     assert peer["ended"].startswith("PeerFailure: rank 0: a collective failed, most likely because another rank")
     assert peer["seconds"] < 10, f"rank 0 took {peer['seconds']:.1f} s to stop"
     assert failing["aborted"] and peer["aborted"]
+    for result in (peer, failing):
+        assert result["call_after_abort"].startswith("RuntimeError: the parallel process groups were torn down")
+        # Only the package's own groups went: the default group works, and enable_parallel builds new groups.
+        assert result["world_all_reduce"] == 2.0
+    assert peer["new_groups_call"] == "frames" and failing["new_groups_call"] == "none"
 
 
 def test_a_hung_rank_ends_its_peers_at_the_timeout(checkpoints, tmp_path):
@@ -155,6 +185,7 @@ def test_a_hung_rank_ends_its_peers_at_the_timeout(checkpoints, tmp_path):
     assert timeout <= peer["seconds"] < timeout + 10, f"rank 0 stopped after {peer['seconds']:.1f} s"
     assert "value" in results[1], f"the hung rank did not end by itself: {results[1]}"
     assert results[1]["value"]["ended"].startswith("PeerFailure: rank 1")
+    assert all(r["value"]["world_all_reduce"] == 2.0 for r in results)  # the default group survived
 
 
 # ------------------------------------------------------------------------------------------------ torchrun

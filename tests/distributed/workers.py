@@ -123,15 +123,53 @@ def _call_kwargs(case: dict) -> dict:
     return kwargs
 
 
+class MaskFreeKernel:
+    """An attention backend, registered as ``"refuse_mask"``, that raises on any mask as "flash" and "sage" do, and
+    otherwise runs SDPA; counts its calls. The text encoder falls back to SDPA for backends without bias support,
+    so only the transformer's attention reaches it."""
+
+    NAME = "refuse_mask"
+
+    def __init__(self) -> None:
+        from cogvideox.ops import BACKENDS, attention_sdpa
+
+        self.calls = 0
+        self._sdpa = attention_sdpa
+        BACKENDS[self.NAME] = self
+
+    def __call__(self, q, k, v, attn_mask=None, scale=None):
+        if attn_mask is not None:
+            raise ValueError(f"the {self.NAME!r} test backend does not take a mask")
+        self.calls += 1
+        return self._sdpa(q, k, v, scale=scale)
+
+
+def _masked_forward(pipe) -> torch.Tensor:
+    """The transformer's output ``[1, 3, C, 6, 6]`` on fixed random inputs with a ``frame_mask`` hiding the last of
+    3 latent frames (48x48 pixels, 9 frames: 27 video tokens, padded under Ulysses 2 and 4)."""
+    config = pipe.transformer.config
+    gen = torch.Generator().manual_seed(11)
+    latents = torch.randn(1, 3, config.in_channels, 6, 6, generator=gen)  # 48x48 pixels, 9 frames: 27 tokens
+    embeds = torch.randn(1, TEXT_LEN, config.text_embed_dim, generator=gen)
+    frame_mask = torch.tensor([[True, True, False]])
+    with torch.no_grad():
+        return pipe.transformer(latents, embeds, torch.tensor([500]), frame_mask=frame_mask)
+
+
 # ------------------------------------------------------------------------------------------------ jobs
 
 
 def parity(rank: int, world: int, cases: list[dict]) -> list[dict]:
     """For each case: rank 0 runs the single-process pipeline, then every rank runs it parallel with the same
-    seed; rank 0 reports the relative error of the frames, every rank its collective counts."""
+    seed; rank 0 reports the relative error of the frames, every rank its collective counts. A case with
+    ``halves`` runs on two caller-made sub-groups side by side (ranks [0, W/2) and [W/2, W)): the first rank of
+    each half holds frames, and every rank checks its half's group and the world still work afterwards."""
     from cogvideox import Pipeline
     from cogvideox.distributed import ParallelConfig
+    from cogvideox.distributed.groups import collective_device
+    from cogvideox.ops import use_attention_backend
 
+    kernel = MaskFreeKernel()
     pipes: dict[str, Pipeline] = {}
     out = []
     for case in cases:
@@ -148,16 +186,39 @@ def parity(rank: int, world: int, cases: list[dict]) -> list[dict]:
         else:
             pipe.vae.disable_slicing()
         kwargs = _call_kwargs(case)
-        expected = pipe(**kwargs, generator=torch.Generator().manual_seed(7)).frames if rank == 0 else None
-        pipe.enable_parallel(ParallelConfig(**case["parallel"]))
+        group = None
+        if case.get("halves"):
+            halves = [dist.new_group(list(range(h * world // 2, (h + 1) * world // 2))) for h in range(2)]
+            group = halves[2 * rank // world]
+        holds_frames = dist.get_rank(group) == 0
+        expected = pipe(**kwargs, generator=torch.Generator().manual_seed(7)).frames if holds_frames else None
+        masked_single = _masked_forward(pipe) if case.get("frame_mask") else None
+        pipe.enable_parallel(ParallelConfig(**case["parallel"]), group=group)
+        entry = {"name": case["name"], "collective_device": str(collective_device(pipe.parallel.state.group))}
+        if case.get("bad_call_first"):  # refused by the argument checks on every rank, before any collective
+            try:
+                pipe(**{**kwargs, "num_frames": 10}, generator=torch.Generator().manual_seed(7))
+                entry["bad_call"] = "returned"
+            except Exception as err:
+                entry["bad_call"] = f"{type(err).__name__}: {err}"
+            entry["aborted_after_bad_call"] = pipe.parallel.state.aborted is not None
         counter = CollectiveCounter()
+        kernel.calls = 0
         try:
-            got = pipe(**kwargs, generator=torch.Generator().manual_seed(7)).frames
+            with use_attention_backend(kernel.NAME):  # no mask may reach the kernel: padding keys are dropped
+                got = pipe(**kwargs, generator=torch.Generator().manual_seed(7)).frames
         finally:
             counts = counter.close()
-            pipe.disable_parallel()
-        entry = {"name": case["name"], "counts": counts, "frames_is_none": got is None}
-        if rank == 0:
+        if masked_single is not None:  # a caller's frame_mask under Ulysses: the one case that needs a mask
+            entry["frame_mask_rel_err"] = rel_err(_masked_forward(pipe), masked_single)
+        pipe.disable_parallel()
+        entry.update(counts=counts, kernel_calls=kernel.calls, frames_is_none=got is None)
+        if group is not None:  # the caller's groups were never touched: both still reduce
+            for name, checked in (("half_all_reduce", group), ("world_all_reduce", None)):
+                total = torch.ones(1)
+                dist.all_reduce(total, group=checked)
+                entry[name] = float(total)
+        if holds_frames:
             entry["shape"] = list(got.shape)
             entry["expected_shape"] = list(expected.shape)
             entry["rel_err"] = rel_err(torch.from_numpy(got), torch.from_numpy(expected))
@@ -191,4 +252,21 @@ def failure(rank: int, world: int, folder: str, mode: str, fail_rank: int = 1, g
         ended = "returned"
     except Exception as err:
         ended = f"{type(err).__name__}: {err}"
-    return {"ended": ended, "seconds": time.monotonic() - start, "aborted": pipe.parallel.state.aborted is not None}
+    seconds = time.monotonic() - start
+    aborted = pipe.parallel.state.aborted is not None
+    alive_after = {}
+    try:
+        alive_after["call_after_abort"] = "returned"
+        pipe(**_call_kwargs({"call": {"num_frames": 9, "height": 32, "width": 48}}))
+    except Exception as err:
+        alive_after["call_after_abort"] = f"{type(err).__name__}: {err}"
+    # Only this package's groups were destroyed: the caller's default group still works, and so do new groups.
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    alive_after["world_all_reduce"] = float(total)
+    if mode == "raise":
+        pipe.enable_parallel(ParallelConfig(ulysses_degree=world))
+        frames = pipe(**_call_kwargs({"call": {"num_frames": 9, "height": 32, "width": 48, "num_inference_steps": 1}}),
+                      generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
+        alive_after["new_groups_call"] = "frames" if frames is not None else "none"
+    return {"ended": ended, "seconds": seconds, "aborted": aborted, **alive_after}
