@@ -156,7 +156,7 @@ def load_lora(
         layer = model.get_submodule(target_path)
         if not isinstance(layer, LoraLinear):
             layer = LoraLinear(layer)
-            _set_child(model, target_path, layer)
+            set_child(model, target_path, layer)
         base = layer.base
         device = (base.bias if base.bias is not None else base.weight).device
         adapter = _stack_parts(parts, base.out_features, dtype, device)
@@ -166,7 +166,8 @@ def load_lora(
     return name
 
 
-def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_child(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` (a ModuleList index or an attribute) by ``module``."""
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     if isinstance(parent, (nn.ModuleList, nn.Sequential)):
@@ -235,7 +236,7 @@ def unload_lora(model: nn.Module) -> None:
     diffusers: ``fuse_lora()`` then ``unload_lora()`` bakes the LoRA in); call ``unfuse_lora()`` first to get
     the original weights back."""
     for path, layer in lora_layers(model).items():
-        _set_child(model, path, layer.base)
+        set_child(model, path, layer.base)
 
 
 __all__ = ["fuse_lora", "load_lora", "loaded_adapters", "lora_layers", "set_adapters", "unfuse_lora", "unload_lora"]

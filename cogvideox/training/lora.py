@@ -30,6 +30,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..lora import LoraLinear, lora_layers
+from ..lora.adapters import set_child
 from ..lora.formats import LORA_WEIGHT_NAME, METADATA_KEY
 
 logger = logging.getLogger(__name__)
@@ -110,15 +111,6 @@ def _targets(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
     return found
 
 
-def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    if isinstance(parent, (nn.ModuleList, nn.Sequential)):
-        parent[int(leaf)] = module
-    else:
-        setattr(parent, leaf, module)
-
-
 def inject_lora(
     model: nn.Module,
     *,
@@ -172,7 +164,7 @@ def inject_lora(
         layer = model.get_submodule(path)
         if not isinstance(layer, LoraLinear):
             layer = LoraLinear(layer)
-            _set_child(model, path, layer)
+            set_child(model, path, layer)
         if layer.is_fused:
             raise RuntimeError(f"{path}: LoRA is fused into the weights; call unfuse_lora() before training")
         weight = layer.base.weight
