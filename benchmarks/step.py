@@ -8,8 +8,11 @@ reference (diffusers' CogVideoXTransformer3DModel), in one process, on the same 
 The two models share their weight tensors (the reference is built on the meta device and assigned ours), so the
 comparison costs one copy of the weights. The reference gets its rotary tables as its pipeline prepares them,
 once, outside the timing; ours computes and caches its own on the warm-up call. Timings alternate between the
-two sides; the median is reported. Peak memory is what the step allocates on top of weights and inputs:
-``torch.cuda.max_memory_allocated`` on a GPU, a live-tensor count (``LiveTensorBytes``) on the CPU.
+two sides; the median is reported. On the CPU, ours runs its large float32 products through oneDNN
+(``cogvideox.ops.linear``) and the reference through ``F.linear`` (MKL); ``--aten-linear`` gives ours ``F.linear``
+too, which isolates everything but the matrix products. Peak memory is what the step allocates on top of
+weights and inputs: ``torch.cuda.max_memory_allocated`` on a GPU, a live-tensor count (``LiveTensorBytes``) on
+the CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from benchmarks._common import (  # noqa: E402
 )
 from cogvideox import Transformer  # noqa: E402
 from cogvideox.ops.fp8 import weight_bytes  # noqa: E402
+from cogvideox.ops.linear import set_cpu_onednn_linear  # noqa: E402
 from cogvideox.presets import TRANSFORMER_CONFIGS, transformer_config  # noqa: E402
 
 logger = logging.getLogger("step")
@@ -62,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (compile happens here)")
     parser.add_argument("--fuse-qkv", action="store_true", help="fused q/k/v projection on both sides")
     parser.add_argument("--fp8", action="store_true", help="ours with fp8 weight storage (the reference as is)")
+    parser.add_argument(
+        "--aten-linear", action="store_true", help="ours with F.linear on the CPU too (set_cpu_onednn_linear(False))"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile both whole models (fullgraph)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--no-memory", action="store_true", help="skip the (slower, untimed) CPU memory pass")
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    set_cpu_onednn_linear(not args.aten_linear)  # the reference's nn.Linear layers always run F.linear
     config, ours, ref, rotary = build_models(args, device, dtype)
     shape = Shape.of(config, args.frames, args.height, args.width)
     if config.use_learned_positional_embeddings and (args.frames, args.height, args.width) != (49, 480, 720):
@@ -259,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.model}, {layers} of {transformer_config(args.model).num_layers} layers, "
         f"{args.frames}x{args.height}x{args.width} ({tokens} tokens), batch 2, {args.dtype}, "
         f"{'fused' if args.fuse_qkv else 'separate'} q/k/v, {'compiled' if args.compile else 'eager'}"
-        f"{', ours with fp8 weights' if args.fp8 else ''}; "
+        f"{', ours with fp8 weights' if args.fp8 else ''}"
+        f"{', ours with F.linear (oneDNN off)' if args.aten_linear else ''}; "
         f"step = {(linear + attn) / 1e12:.3f} TFLOP ({attn / (linear + attn):.0%} attention); "
         f"max |ours - ref| / max |ref| = {err:.1e}; {args.repeats} timed steps per side after {args.warmup} warm-up"
     )

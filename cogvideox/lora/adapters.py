@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..ops.linear import is_plain_linear
 from .formats import LoraFile, lora_file_path, parse_lora, read_state_dict
 from .layers import LoraAdapter, LoraLinear
 
@@ -215,7 +216,7 @@ def fuse_lora(model: nn.Module, lora_scale: float = 1.0) -> None:
         raise ValueError("no LoRA is loaded: call load_lora() first")
     if _is_fused(model):
         return
-    quantized = [path for path, layer in layers.items() if type(layer.base) is not nn.Linear]
+    quantized = [path for path, layer in layers.items() if not is_plain_linear(layer.base)]
     if quantized:
         raise TypeError(
             f"fuse_lora() needs nn.Linear base layers, but {quantized[0]} is {type(layers[quantized[0]].base).__name__}"

@@ -22,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .linear import is_plain_linear, linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -82,7 +83,7 @@ class Fp8Linear(nn.Module):
         return self.weight.to(dtype).mul_(torch.exp2(self.weight_exponent.to(dtype))[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Fp8Linear:
         # nn.Module.to(dtype) converts every floating tensor, and fp8 counts as floating. The conversion is
@@ -103,7 +104,7 @@ def linears_to_fp8_(module: nn.Module, include: Callable[[str, nn.Linear], bool]
     :class:`Fp8Linear`, one at a time, so the extra memory is one layer's float32 copy. Returns their names."""
     replaced = []
     for name, child in list(module.named_modules()):
-        if type(child) is not nn.Linear or (include is not None and not include(name, child)):
+        if not is_plain_linear(child) or (include is not None and not include(name, child)):
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name)

@@ -33,6 +33,7 @@ from torch import nn
 from ..configs import T5_UNUSED_CONFIG_KEYS, T5Config, config_from_dict
 from ..loading import build_on_meta, component_folder, load_weights
 from ..ops import attention, attention_sdpa, get_attention_backend
+from ..ops.linear import Linear
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +101,11 @@ class T5FeedForward(nn.Module):
         d, ff = config.d_model, config.d_ff
         self.gated = config.is_gated_act
         if self.gated:
-            self.wi_0 = nn.Linear(d, ff, bias=False, device=device, dtype=dtype)
-            self.wi_1 = nn.Linear(d, ff, bias=False, device=device, dtype=dtype)
+            self.wi_0 = Linear(d, ff, bias=False, device=device, dtype=dtype)
+            self.wi_1 = Linear(d, ff, bias=False, device=device, dtype=dtype)
         else:
-            self.wi = nn.Linear(d, ff, bias=False, device=device, dtype=dtype)
-        self.wo = nn.Linear(ff, d, bias=False, device=device, dtype=dtype)
+            self.wi = Linear(d, ff, bias=False, device=device, dtype=dtype)
+        self.wo = Linear(ff, d, bias=False, device=device, dtype=dtype)
         self.act = ACTIVATIONS[config.dense_act_fn]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,10 +121,10 @@ class T5SelfAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = config.num_heads, config.d_kv
         inner = config.inner_dim
-        self.q = nn.Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
-        self.k = nn.Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
-        self.v = nn.Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
-        self.o = nn.Linear(inner, config.d_model, bias=False, device=device, dtype=dtype)
+        self.q = Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
+        self.k = Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
+        self.v = Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
+        self.o = Linear(inner, config.d_model, bias=False, device=device, dtype=dtype)
         if has_position_bias:
             self.relative_attention_bias = nn.Embedding(
                 config.relative_attention_num_buckets, config.num_heads, device=device, dtype=dtype

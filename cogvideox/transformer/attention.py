@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..ops import attention
+from ..ops.linear import Linear, is_plain_linear
 from ..rope import rotate_pairs
 
 _QKV = ("to_q", "to_k", "to_v")
@@ -39,13 +40,13 @@ class JointAttention(nn.Module):
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
         factory = {"device": device, "dtype": dtype}
-        self.to_q: nn.Module | None = nn.Linear(dim, inner, bias=qkv_bias, **factory)
-        self.to_k: nn.Module | None = nn.Linear(dim, inner, bias=qkv_bias, **factory)
-        self.to_v: nn.Module | None = nn.Linear(dim, inner, bias=qkv_bias, **factory)
+        self.to_q: nn.Module | None = Linear(dim, inner, bias=qkv_bias, **factory)
+        self.to_k: nn.Module | None = Linear(dim, inner, bias=qkv_bias, **factory)
+        self.to_v: nn.Module | None = Linear(dim, inner, bias=qkv_bias, **factory)
         self.norm_q = nn.LayerNorm(head_dim, eps=1e-6, **factory)
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6, **factory)
         # A ModuleList so that the published key is ``to_out.0`` (the reference keeps a dropout at index 1).
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=True, **factory)])
+        self.to_out = nn.ModuleList([Linear(inner, dim, bias=True, **factory)])
         self.to_qkv: nn.Module | None = None
         # Ulysses hooks (cogvideox.distributed.UlyssesParallel) when sequence parallel is on: a plain object, not a
         # submodule, so it never shows in state_dict() or module walks.
@@ -68,14 +69,14 @@ class JointAttention(nn.Module):
         if self.is_fused:
             return
         parts = [getattr(self, name) for name in _QKV]
-        if not all(type(p) is nn.Linear for p in parts):
+        if not all(is_plain_linear(p) for p in parts):
             kinds = sorted({type(p).__name__ for p in parts})
             raise TypeError(
                 f"fuse_qkv_projections() needs plain nn.Linear q/k/v projections, found {kinds}: fuse q/k/v "
                 "first, then load LoRA adapters or enable fp8 weight storage (or unload_lora() before fusing)"
             )
         first = parts[0]
-        fused = nn.Linear(first.in_features, 3 * first.out_features, bias=first.bias is not None, device="meta")
+        fused = Linear(first.in_features, 3 * first.out_features, bias=first.bias is not None, device="meta")
         fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), first.weight.requires_grad)
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), first.bias.requires_grad)

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from ..configs import TransformerConfig, read_config
 from ..loading import build_on_meta, component_folder, load_weights
 from ..ops.fp8 import linears_to_fp8_
+from ..ops.linear import Linear
 from ..rope import fold_sign, rotary_tables, sincos_3d, timestep_sinusoids
 from .block import TransformerBlock
 from .patch import PatchEmbed
@@ -40,8 +41,8 @@ class TimestepMLP(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, device=None, dtype=None) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, out_dim, device=device, dtype=dtype)
-        self.linear_2 = nn.Linear(out_dim, out_dim, device=device, dtype=dtype)
+        self.linear_1 = Linear(in_dim, out_dim, device=device, dtype=dtype)
+        self.linear_2 = Linear(out_dim, out_dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -52,7 +53,7 @@ class OutputNorm(nn.Module):
 
     def __init__(self, cond_dim: int, dim: int, *, elementwise_affine: bool, eps: float, device=None, dtype=None):
         super().__init__()
-        self.linear = nn.Linear(cond_dim, 2 * dim, device=device, dtype=dtype)
+        self.linear = Linear(cond_dim, 2 * dim, device=device, dtype=dtype)
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class Transformer(nn.Module):
             **factory,
         )
         patch_volume = config.patch_size * config.patch_size * (config.patch_size_t or 1)
-        self.proj_out = nn.Linear(dim, patch_volume * config.output_channels, **factory)
+        self.proj_out = Linear(dim, patch_volume * config.output_channels, **factory)
         self.gradient_checkpointing = False
         # Ulysses hooks (cogvideox.distributed.enable_sequence_parallel): shard the video tokens before the blocks,
         # gather the projected output after. A plain object, not a submodule.

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from ..configs import TransformerConfig
+from ..ops.linear import Linear
 
 
 class PatchEmbed(nn.Module):
@@ -35,8 +36,8 @@ class PatchEmbed(nn.Module):
                 config.in_channels, dim, kernel_size=p, stride=p, bias=config.patch_bias, device=device, dtype=dtype
             )
         else:
-            self.proj = nn.Linear(config.in_channels * pt * p * p, dim, device=device, dtype=dtype)
-        self.text_proj = nn.Linear(config.text_embed_dim, dim, device=device, dtype=dtype)
+            self.proj = Linear(config.in_channels * pt * p * p, dim, device=device, dtype=dtype)
+        self.text_proj = Linear(config.text_embed_dim, dim, device=device, dtype=dtype)
         if config.use_learned_positional_embeddings:
             # Covers exactly [text tokens; video tokens] of the training size (5B-I2V: 226 + 13*30*45).
             frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1

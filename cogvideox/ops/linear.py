@@ -1,0 +1,77 @@
+"""Linear layers, with oneDNN's matrix product for float32 inference on the CPU.
+
+PyTorch sends a float32 ``F.linear`` on the CPU to MKL's sgemm. oneDNN (bundled with every x86 PyTorch build)
+has its own JIT-compiled matrix product, which on the AMD EPYC (Zen 4) CPUs this project develops on is
+8-15 % faster for the transformer's and T5's projections and 2.6-3.6x faster for the adaLN and time-embedding
+products of one or two rows (``benchmarks/RESULTS.md``, "CPU linear kernels"). For products below
+``ONEDNN_MIN_MACS`` multiply-adds its fixed cost outweighs the gain, so those stay with ``F.linear``.
+
+The oneDNN path is taken only where it is a drop-in replacement: CPU, float32 input and weight, no autograd
+graph needed (the op has no backward), not while ``torch.compile`` traces (Inductor picks its own kernels, and in
+torch 2.13 fails with an AssertionError when it meets this op in a graph), and
+only when :func:`set_cpu_onednn_linear` has not turned it off. Results differ from ``F.linear`` by summation
+order only: about 1e-6 relative, far inside the 1e-5 parity bound of the tests.
+
+:class:`Linear` is ``nn.Linear`` with that dispatch; same parameters, keys and ``isinstance`` behaviour.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Below this many multiply-adds (rows x in x out) oneDNN's per-call cost wins over its faster kernel: on the
+# 2-core EPYC, 64x256x256 (2**22) is 15 % slower through oneDNN, 128x256x512 (2**24) equal, larger ones faster.
+ONEDNN_MIN_MACS = 1 << 23
+
+_cpu_onednn = True
+
+
+def set_cpu_onednn_linear(enabled: bool) -> None:
+    """Process-wide: let float32 CPU inference use oneDNN's matrix product (default) or always ``F.linear``."""
+    global _cpu_onednn
+    _cpu_onednn = bool(enabled)
+
+
+def cpu_onednn_linear_enabled() -> bool:
+    return _cpu_onednn and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.compiler.is_compiling() or not cpu_onednn_linear_enabled():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return False
+    return x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., in] @ weight[out, in]^T + bias[out]`` -> ``[..., out]``, as ``F.linear``."""
+    if _takes_onednn(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and :class:`Linear` exactly (not fp8 layers, LoRA wrappers or other subclasses)."""
+    return type(module) in (nn.Linear, Linear)
+
+
+__all__ = [
+    "ONEDNN_MIN_MACS",
+    "Linear",
+    "cpu_onednn_linear_enabled",
+    "is_plain_linear",
+    "linear",
+    "set_cpu_onednn_linear",
+]
