@@ -1,18 +1,18 @@
 """Linear layers, with oneDNN's matrix product for float32 inference on the CPU.
 
 PyTorch sends a float32 ``F.linear`` on the CPU to MKL's sgemm. oneDNN (bundled with every x86 PyTorch build)
-has its own JIT-compiled matrix product, which on the AMD EPYC (Zen 4) CPUs this project develops on is
-8-15 % faster for the transformer's and T5's projections and 2.6-3.6x faster for the adaLN and time-embedding
-products of one or two rows (``benchmarks/RESULTS.md``, "CPU linear kernels"). For products below
-``ONEDNN_MIN_MACS`` multiply-adds its fixed cost outweighs the gain, so those stay with ``F.linear``.
+has its own JIT-compiled matrix product, which on the AMD EPYC (Zen 4) CPUs this project develops on takes
+0.74-0.85x the time for the 5B transformer's projections, 0.58-0.70x for T5-XXL's and 0.27x for the two-row adaLN
+products (``benchmarks/linear.py``; ``benchmarks/RESULTS.md``, "CPU linear kernels"). Below ``ONEDNN_MIN_MACS``
+multiply-adds its fixed cost per call outweighs the gain, so those products stay with ``F.linear``.
 
-The oneDNN path is taken only where it is a drop-in replacement: CPU, float32 input and weight, no autograd
-graph needed (the op has no backward), not while ``torch.compile`` traces (Inductor picks its own kernels, and in
-torch 2.13 fails with an AssertionError when it meets this op in a graph), and
-only when :func:`set_cpu_onednn_linear` has not turned it off. Results differ from ``F.linear`` by summation
-order only: about 1e-6 relative, far inside the 1e-5 parity bound of the tests.
+The oneDNN path is taken only where it is a drop-in replacement: CPU; float32 input and weight; no CPU autocast
+(which casts ``F.linear``'s inputs but does not know this op); no autograd graph needed (the op has no backward);
+not while ``torch.compile`` or ``torch.export`` traces (Inductor picks its own kernels, and in torch 2.13 fails
+with an AssertionError on this op); and :func:`set_cpu_onednn_linear` has not turned it off. Results differ from
+``F.linear`` by summation order only, about 1e-6 relative, inside the 1e-5 parity bound of the tests.
 
-:class:`Linear` is ``nn.Linear`` with that dispatch; same parameters, keys and ``isinstance`` behaviour.
+:class:`Linear` is ``nn.Linear`` with that dispatch: same parameters, keys and ``isinstance`` behaviour.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if torch.compiler.is_compiling() or not cpu_onednn_linear_enabled():
+        return False
+    if torch.is_autocast_enabled("cpu"):  # autocast casts F.linear's inputs; it does not know this op
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False

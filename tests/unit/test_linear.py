@@ -73,7 +73,7 @@ def test_large_float32_inference_products_take_onednn_and_match_f_linear():
 
 @pytest.mark.parametrize(
     "case",
-    ["small product", "bfloat16", "autograd", "switched off"],
+    ["small product", "bfloat16", "autograd", "autocast", "switched off"],
 )
 def test_everything_else_runs_f_linear_bit_for_bit(case):
     shape = (4, 16, 32) if case == "small product" else (300, 256, 512)
@@ -82,13 +82,15 @@ def test_everything_else_runs_f_linear_bit_for_bit(case):
     try:
         if case == "switched off":
             set_cpu_onednn_linear(False)
-        with torch.set_grad_enabled(case == "autograd"):
+        with torch.set_grad_enabled(case == "autograd"), torch.autocast("cpu", enabled=case == "autocast"):
             out, names = run(lambda: linear(x, weight, bias))
             expected = F.linear(x, weight, bias)
     finally:
         set_cpu_onednn_linear(True)
     assert "mkldnn::_linear_pointwise" not in names
     assert torch.equal(out, expected)
+    if case == "autocast":
+        assert out.dtype == torch.bfloat16  # autocast's cast still happened
     if case == "autograd":
         (grad_ours,) = torch.autograd.grad(out.sum(), weight)
         (grad_ref,) = torch.autograd.grad(expected.sum(), weight)
