@@ -22,8 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 # Below this many multiply-adds (rows x in x out) oneDNN's per-call cost wins over its faster kernel: on the
-# 2-core EPYC, 64x256x256 (2**22) is 15 % slower through oneDNN, 128x256x512 (2**24) equal, larger ones faster.
+# 2-core EPYC, 64x256x256 (2**22) is 29 % slower through oneDNN, 128x256x512 (2**24) 4 % faster, larger ones
+# faster still (benchmarks/linear.py).
 ONEDNN_MIN_MACS = 1 << 23
+
+# Plain tensors only: subclasses (DTensor, FakeTensor, torch.fx proxies, ...) keep F.linear and its rules.
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 _cpu_onednn = True
 
@@ -39,20 +43,28 @@ def cpu_onednn_linear_enabled() -> bool:
 
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if type(x) not in _PLAIN or type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    if torch.compiler.is_compiling() or not cpu_onednn_linear_enabled():
+    if x.numel() * weight.shape[0] < ONEDNN_MIN_MACS or not cpu_onednn_linear_enabled():
         return False
     if torch.is_autocast_enabled("cpu"):  # autocast casts F.linear's inputs; it does not know this op
         return False
+    # The op has no derivative: no backward graph, no forward-mode AD (dual tensors do not set requires_grad),
+    # no torch.func transform (vmap, jvp, grad) around the call.
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False
-    return x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+    return torch.autograd.forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., in] @ weight[out, in]^T + bias[out]`` -> ``[..., out]``, as ``F.linear``."""
     if _takes_onednn(x, weight, bias):
+        # oneDNN reads the bias as dense: a strided or expanded one would give wrong sums without an error.
+        bias = None if bias is None else bias.contiguous()
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

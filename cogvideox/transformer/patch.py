@@ -15,12 +15,11 @@ Text embeddings ``[B, L, D_text]`` go through ``text_proj``. Positional informat
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from ..configs import TransformerConfig
-from ..ops.linear import Linear
+from ..ops.linear import Linear, linear
 
 
 class PatchEmbed(nn.Module):
@@ -58,7 +57,7 @@ class PatchEmbed(nn.Module):
             pw=self.patch_size,
         )
         weight = self.proj.weight.flatten(1) if isinstance(self.proj, nn.Conv2d) else self.proj.weight
-        return F.linear(patches, weight, self.proj.bias)
+        return linear(patches, weight, self.proj.bias)
 
     def embed_text(self, text_embeds: torch.Tensor) -> torch.Tensor:
         """``[B, L, D_text]`` -> ``[B, L, D]``."""

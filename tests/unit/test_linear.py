@@ -3,6 +3,8 @@ everywhere else, the same numbers either way (to summation order)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,8 +22,10 @@ from cogvideox.ops.linear import (
     set_cpu_onednn_linear,
 )
 from cogvideox.text.t5 import T5Encoder
-from tests.helpers import TINY_TRANSFORMER, rel_err
+from tests.helpers import TINY_TRANSFORMER, randomize_, rel_err
 
+# The module itself: ``cogvideox.ops.linear`` as an attribute is the function the package re-exports.
+linear_module = importlib.import_module("cogvideox.ops.linear")
 needs_onednn = pytest.mark.skipif(not cpu_onednn_linear_enabled(), reason="this PyTorch build has no oneDNN linear")
 
 
@@ -73,7 +77,7 @@ def test_large_float32_inference_products_take_onednn_and_match_f_linear():
 
 @pytest.mark.parametrize(
     "case",
-    ["small product", "bfloat16", "autograd", "autocast", "switched off"],
+    ["small product", "bfloat16", "autograd", "autocast", "jit trace", "switched off"],
 )
 def test_everything_else_runs_f_linear_bit_for_bit(case):
     shape = (4, 16, 32) if case == "small product" else (300, 256, 512)
@@ -83,7 +87,11 @@ def test_everything_else_runs_f_linear_bit_for_bit(case):
         if case == "switched off":
             set_cpu_onednn_linear(False)
         with torch.set_grad_enabled(case == "autograd"), torch.autocast("cpu", enabled=case == "autocast"):
-            out, names = run(lambda: linear(x, weight, bias))
+            if case == "jit trace":
+                traced = torch.jit.trace(lambda a: linear(a, weight, bias), (x,))
+                out, names = run(lambda: traced(x))
+            else:
+                out, names = run(lambda: linear(x, weight, bias))
             expected = F.linear(x, weight, bias)
     finally:
         set_cpu_onednn_linear(True)
@@ -107,3 +115,57 @@ def test_models_build_every_projection_as_ops_linear():
     attn = transformer.transformer_blocks[0].attn1
     assert type(attn.to_qkv) is Linear and is_plain_linear(attn.to_qkv)
     assert is_plain_linear(nn.Linear(2, 2)) and not is_plain_linear(nn.Identity())
+
+
+@needs_onednn
+def test_forward_mode_ad_and_func_transforms_keep_f_linear():
+    """The op has no derivative at all: forward-mode AD and torch.func would silently get zero tangents."""
+    x, weight, bias = tensors(300, 256, 512)
+    tangent = torch.ones_like(x)
+    with torch.no_grad():
+        _, jvp_out = torch.func.jvp(lambda a: linear(a, weight, bias), (x,), (tangent,))
+        _, expected = torch.func.jvp(lambda a: F.linear(a, weight, bias), (x,), (tangent,))
+    assert torch.equal(jvp_out, expected) and expected.abs().max() > 0
+    import torch.autograd.forward_ad as fwAD
+
+    with torch.no_grad(), fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangent)
+        out_tangent = fwAD.unpack_dual(linear(dual, weight, bias)).tangent
+    assert out_tangent is not None and torch.equal(out_tangent, expected)
+
+
+@needs_onednn
+def test_strided_and_expanded_operands_give_the_same_sums():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 300, 512, generator=gen)[..., ::2]  # every other column
+    weight = torch.randn(512, 512, generator=gen)[:, ::2]
+    biases = {"strided": torch.randn(1024, generator=gen)[::2], "expanded": torch.randn(1, generator=gen).expand(512)}
+    for bias in biases.values():
+        with torch.no_grad():
+            out, names = run(lambda b=bias: linear(x, weight, b))
+        assert names[-1] == "mkldnn::_linear_pointwise"
+        assert rel_err(out, F.linear(x, weight, bias)) <= 1e-6
+
+
+@needs_onednn
+def test_a_model_on_the_onednn_path_matches_f_linear_and_compiles(monkeypatch):
+    """The tiny models are below the threshold; with it at 0 every projection takes oneDNN. The result matches the
+    F.linear model, and torch.compile (which cannot lower the op) still compiles the whole forward."""
+    monkeypatch.setattr(linear_module, "ONEDNN_MIN_MACS", 0)
+    config = {**TINY_TRANSFORMER, "use_rotary_positional_embeddings": True, "num_layers": 1}
+    model = randomize_(Transformer(TransformerConfig(**config)), std=0.1).eval()
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 2, 4, 6, 10, generator=gen)
+    text = torch.randn(2, 7, 12, generator=gen)
+    timestep = torch.tensor([981.0, 37.5])
+    with torch.no_grad():
+        out, names = run(lambda: model(latents, text, timestep))
+        set_cpu_onednn_linear(False)
+        try:
+            expected = model(latents, text, timestep)
+        finally:
+            set_cpu_onednn_linear(True)
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)(latents, text, timestep)
+    assert names.count("mkldnn::_linear_pointwise") >= 10
+    assert rel_err(out, expected) <= 1e-5
+    assert rel_err(compiled, expected) <= 1e-5
