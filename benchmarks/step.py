@@ -7,12 +7,12 @@ reference (diffusers' CogVideoXTransformer3DModel), in one process, on the same 
 
 The two models share their weight tensors (the reference is built on the meta device and assigned ours), so the
 comparison costs one copy of the weights. The reference gets its rotary tables as its pipeline prepares them,
-once, outside the timing; ours computes and caches its own on the warm-up call. Timings alternate between the
-two sides; the median is reported. On the CPU, ours runs its large float32 products through oneDNN
-(``cogvideox.ops.linear``) and the reference through ``F.linear`` (MKL); ``--aten-linear`` gives ours ``F.linear``
-too, which isolates everything but the matrix products. Peak memory is what the step allocates on top of
-weights and inputs: ``torch.cuda.max_memory_allocated`` on a GPU, a live-tensor count (``LiveTensorBytes``) on
-the CPU.
+once, outside the timing; ours computes and caches its own on the warm-up call. Timings run in blocks (ours,
+reference, reference, ours), each block after a change of side led by an untimed call; the median is reported.
+On the CPU, ours runs its large float32 products through oneDNN (``cogvideox.ops.linear``) and the reference
+through ``F.linear`` (MKL); ``--aten-linear`` gives ours ``F.linear`` too, which isolates everything but the
+matrix products. Peak memory is what the step allocates on top of weights and inputs:
+``torch.cuda.max_memory_allocated`` on a GPU, a live-tensor count (``LiveTensorBytes``) on the CPU.
 """
 
 from __future__ import annotations
@@ -233,11 +233,19 @@ def main(argv: list[str] | None = None) -> None:
     err = (run_ours().float() - run_ref().float()).abs().max().item() / run_ref().float().abs().max().item()
 
     times = {"ours": [], "reference": []}
-    sides = [("ours", run_ours), ("reference", run_ref)]
-    for repeat in range(args.repeats):
-        # ABBA order, so a slow drift of the machine (other work, clocks) weighs on both sides alike.
-        for side, fn in sides if repeat % 2 == 0 else sides[::-1]:
-            times[side].append(timer(fn))
+    sides = {"ours": run_ours, "reference": run_ref}
+    # Blocks in ABBA order, so a slow drift of the machine (other work, clocks) weighs on both sides alike. Each
+    # block after a change of side starts with an untimed call: on the CPU, the first call after the other side's
+    # (whose products may run a different BLAS: MKL against oneDNN) is slower, by up to 10 % for the reference.
+    half = max(args.repeats // 2, 1)
+    blocks = [("ours", half), ("reference", half), ("reference", args.repeats - half), ("ours", args.repeats - half)]
+    previous = None
+    for side, count in blocks:
+        if count and side != previous:
+            sides[side]()
+        for _ in range(count):
+            times[side].append(timer(sides[side]))
+        previous = side if count else previous
     memory = {}
     # The CPU meter is a dispatch mode, which compiled code cannot run under: no CPU memory figure when compiled.
     if device.type == "cuda" or not (args.no_memory or args.compile):
