@@ -6,11 +6,13 @@ has its own JIT-compiled matrix product, which on the AMD EPYC (Zen 4) CPUs this
 products (``benchmarks/linear.py``; ``benchmarks/RESULTS.md``, "CPU linear kernels"). Below ``ONEDNN_MIN_MACS``
 multiply-adds its fixed cost per call outweighs the gain, so those products stay with ``F.linear``.
 
-The oneDNN path is taken only where it is a drop-in replacement: CPU; float32 input and weight; no CPU autocast
-(which casts ``F.linear``'s inputs but does not know this op); no autograd graph needed (the op has no backward);
-not while ``torch.compile`` or ``torch.export`` traces (Inductor picks its own kernels, and in torch 2.13 fails
-with an AssertionError on this op); and :func:`set_cpu_onednn_linear` has not turned it off. Results differ from
-``F.linear`` by summation order only, about 1e-6 relative, inside the 1e-5 parity bound of the tests.
+The oneDNN path is taken only where it is a drop-in replacement: plain float32 tensors on the CPU (no subclass:
+DTensor, fake tensors, ``torch.fx`` proxies); no CPU autocast (which casts ``F.linear``'s inputs but does not know
+this op); no derivative needed (the op has none: no autograd graph, no forward-mode AD, no ``torch.func``
+transform); not while ``torch.compile``, ``torch.export`` or ``torch.jit.trace`` traces (Inductor picks its own
+kernels, and in torch 2.13 fails with an AssertionError on this op); and :func:`set_cpu_onednn_linear` has not
+turned it off. Results differ from ``F.linear`` by summation order only, about 1e-6 relative, inside the 1e-5
+parity bound of the tests.
 
 :class:`Linear` is ``nn.Linear`` with that dispatch: same parameters, keys and ``isinstance`` behaviour.
 """
