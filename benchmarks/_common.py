@@ -54,7 +54,7 @@ def command_line() -> str:
 
 
 def step_flops(dim: int, layers: int, tokens: int, batch: int) -> tuple[float, float]:
-    """(linear, attention) FLOPs of ``batch`` forwards, the formula of reference/performance.md §3.
+    """(linear, attention) FLOPs of ``batch`` forwards.
 
     Per forward: linear ``24 d^2 N L`` (q, k, v, out and the 4d feed-forward), attention ``4 N^2 d L`` (QK^T and
     PV). adaLN, patch embedding, output projection, norms, RoPE and softmax are left out (< 1 %).

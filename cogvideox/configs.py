@@ -3,7 +3,13 @@
 Every component reads its ``config.json`` through :func:`config_from_dict`, which
 - keeps the published defaults for keys a file leaves out (older checkpoints omit newer keys),
 - ignores metadata keys that start with ``_`` (``_class_name``, ``_diffusers_version``, ...),
-- logs the unknown keys once, in one message, and never uses them.
+- logs the unknown keys once, in one message, and never uses them,
+- checks each known key's value against the field's type, so that ``"num_layers": "2"`` is refused here, naming
+  the file and the key, and not deep inside model building.
+
+Every JSON file of a checkpoint (configs, shard indexes, tokenizer configs, ``model_index.json``) is read by
+:func:`read_json`, so that a missing, malformed or mistyped file always gets the same kind of message. It lives here,
+the one module of the package that imports nothing else from it, so that samplers, text and loading can all use it.
 
 Component-specific configs live here so that one file lists every knob the checkpoints can turn.
 """
@@ -11,14 +17,77 @@ Component-specific configs live here so that one file lists every knob the check
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import typing
 from pathlib import Path
+from types import UnionType
 from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
 C = TypeVar("C")
+
+# Names of parsed values' types in JSON's words (a tuple is a list frozen by _freeze).
+_JSON_KINDS = {
+    dict: "object",
+    list: "array",
+    tuple: "array",
+    str: "string",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+}
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type (``"2"`` is a string, ``[1]`` an array, None null)."""
+    return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def parse_json(text: str, *, source: str, what: str) -> dict[str, Any]:
+    """Parse ``text`` as one JSON object; ``source`` (a path) and ``what`` (what it should be) go in messages.
+
+    Raises:
+        ValueError: the text is not valid JSON (line and column given), or holds something other than an object.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{source} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): it should be {what}; "
+            "fix the file or download it again"
+        ) from err
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{source} holds a JSON {_json_kind(data)}, not an object: it should be {what}, a JSON object {{...}}"
+        )
+    return data
+
+
+def read_json(path: str | Path, *, what: str) -> dict[str, Any]:
+    """The JSON object in the file ``path``.
+
+    Args:
+        path: the file.
+        what: what the file should be, for messages, e.g. ``"the config.json of a model folder"``.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file; the message names it and what it should be.
+        ValueError: the file is not UTF-8 JSON, or not a JSON object; the message names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"{path} {state}: it should be {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}): it should be {what}; fix the file or download it again"
+        ) from err
+    return parse_json(text, source=str(path), what=what)
 
 
 def _freeze(value: Any) -> Any:
@@ -28,6 +97,98 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    # The annotations are strings (``from __future__ import annotations``); resolve them once per class. A class
+    # whose annotations cannot be resolved (defined in a function, say) gets no type check, only its own.
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {}
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _describe_type(annotation: Any) -> str:
+    """English for a field annotation: ``tuple[int, ...] | None`` -> 'a list of integers, or null'."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (UnionType, typing.Union):
+        parts = [_describe_type(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (", or null" if type(None) in args else "")
+    if origin is tuple:
+        item = _describe_type(args[0]) if args else "anything"
+        return "a list of " + {"an integer": "integers", "a number": "numbers", "a string": "strings"}.get(item, item)
+    return _NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+_MISMATCH = object()  # returned by _coerce when the value does not fit the annotation
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """``value`` as the annotated type, or ``_MISMATCH``.
+
+    Integers are accepted for float fields (JSON writers drop the ``.0``) and kept as written; floats with an
+    integral value are accepted for integer fields (the reference annotates some integer keys float, e.g. the VAE's
+    ``temporal_compression_ratio``) and become ints. Booleans are never numbers, although Python says they are.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (UnionType, typing.Union):
+        if value is None:
+            return None if type(None) in args else _MISMATCH
+        for arg in args:
+            if arg is not type(None) and (coerced := _coerce(value, arg)) is not _MISMATCH:
+                return coerced
+        return _MISMATCH
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _MISMATCH
+        item = args[0] if args else Any
+        items = [v if item is Any else _coerce(v, item) for v in value]
+        return _MISMATCH if any(v is _MISMATCH for v in items) else tuple(items)
+    if annotation is bool:
+        return value if isinstance(value, bool) else _MISMATCH
+    if annotation is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) and not isinstance(value, bool) else _MISMATCH
+    if annotation is float:
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else _MISMATCH
+    if annotation is str:
+        return value if isinstance(value, str) else _MISMATCH
+    return value  # an annotation this checker does not know: left to the dataclass
+
+
+def _as_json(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):  # a Python object given to config_from_dict directly
+        return repr(value)
+
+
+def _parsed_or_mismatch(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return _MISMATCH
+
+
+def _check_field(cls: type, field: dataclasses.Field, value: Any, source: str) -> Any:
+    """``value`` converted to the field's annotated type; a ValueError naming the source, key, value and type."""
+    annotation = _field_types(cls).get(field.name, Any)
+    coerced = _coerce(value, annotation)
+    if coerced is not _MISMATCH:
+        return coerced
+    default = f" (default {_as_json(field.default)})" if field.default is not dataclasses.MISSING else ""
+    hint = ""
+    if isinstance(value, str) and _coerce(_parsed_or_mismatch(value), annotation) is not _MISMATCH:
+        hint = f": write {_as_json(field.name)}: {value} without the quotes"  # "2" for 2, a common hand edit
+    raise ValueError(
+        f"{source}: {_as_json(field.name)}: {_as_json(value)} is a JSON {_json_kind(value)}, but "
+        f"{cls.__name__}.{field.name} must be {_describe_type(annotation)}{default}; correct it in the file{hint}"
+    )
+
+
 def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "<dict>") -> C:
     """Build the dataclass ``cls`` from a ``config.json`` mapping.
 
@@ -35,14 +196,18 @@ def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "<dict>")
         cls: a dataclass type whose field names are config keys.
         data: the parsed JSON object.
         source: where ``data`` came from, for messages.
+
+    Raises:
+        ValueError: ``data`` is not a mapping, a value does not have its field's type (int, float, bool, str, a list
+            of them, or null where the field allows None), or the config refuses a value.
     """
     if not isinstance(data, dict):
         raise ValueError(f"{source}: a config must be a JSON object, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in data if k not in known and not k.startswith("_"))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in data if k not in fields and not k.startswith("_"))
     if unknown:
         logger.warning("%s: ignoring config keys %s that %s does not use", source, unknown, cls.__name__)
-    kwargs = {k: _freeze(v) for k, v in data.items() if k in known}
+    kwargs = {k: _check_field(cls, fields[k], _freeze(v), source) for k, v in data.items() if k in fields}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -52,14 +217,7 @@ def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "<dict>")
 def read_config(folder: str | Path, cls: type[C], filename: str = "config.json") -> C:
     """Read ``folder/filename`` into ``cls``; errors name the file and what is wrong with it."""
     path = Path(folder) / filename
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: a model folder in the published layout has a {filename} next to its weights"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    data = read_json(path, what=f"the {filename} of a model folder in the published layout, next to its weights")
     return config_from_dict(cls, data, source=str(path))
 
 
@@ -74,7 +232,7 @@ def config_to_dict(config: Any, class_name: str | None = None) -> dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """``transformer/config.json`` of every published CogVideoX model (keys as published; defaults are the
-    reference's, which equal the 2B's). See reference/features.md section 3.2 for the per-model values."""
+    reference's, which equal the 2B's). The five published models' values are in :mod:`cogvideox.presets`."""
 
     num_attention_heads: int = 30
     attention_head_dim: int = 64
@@ -142,7 +300,7 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 class SchedulerConfig:
     """``scheduler/scheduler_config.json``: the keys both reference classes (``CogVideoXDDIMScheduler`` and
     ``CogVideoXDPMScheduler``) read, with ``CogVideoXDDIMScheduler``'s defaults (the class every published
-    checkpoint names). The published files set every key; see reference/features.md section 3.4.
+    checkpoint names). The published files set every key (``cogvideox.presets.SCHEDULER_2B`` and ``SCHEDULER_5B``).
 
     ``clip_sample``, ``clip_sample_range`` and ``sample_max_value`` are kept so that files round-trip, but neither
     reference class uses them, so the samplers ignore them too.
@@ -199,7 +357,7 @@ class VAEConfig:
     """``vae/config.json`` (diffusers ``AutoencoderKLCogVideoX``; keys as published, defaults the reference's).
 
     All published models share the architecture; they differ in ``scaling_factor`` (2B 1.15258426; 5B, 5B-I2V and
-    1.5 0.7) and ``invert_scale_latents`` (true for 1.5). See reference/features.md section 3.3.
+    1.5 0.7) and ``invert_scale_latents`` (true for 1.5).
     """
 
     in_channels: int = 3
@@ -281,7 +439,7 @@ T5_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swis
 class T5Config:
     """``text_encoder/config.json`` (transformers ``T5Config``): the keys the T5 encoder uses, with the reference's
     defaults (t5-small's). CogVideoX ships T5 v1.1 XXL: d_model 4096, d_ff 10240, d_kv 64, 64 heads, 24 layers,
-    vocab 32128, ``feed_forward_proj="gated-gelu"`` (see reference/features.md section 3.5)."""
+    vocab 32128, ``feed_forward_proj="gated-gelu"`` (the config of google/t5-v1_1-xxl)."""
 
     vocab_size: int = 32128
     d_model: int = 512

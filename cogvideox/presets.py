@@ -1,5 +1,6 @@
-"""The published ``transformer/config.json`` contents of the five CogVideoX models (reference/features.md §3.2),
-and the two published ``scheduler/scheduler_config.json`` variants (§3.4).
+"""The published ``transformer/config.json`` contents of the five CogVideoX models, and the two published
+``scheduler/scheduler_config.json`` variants (as mirrored in kijai/ComfyUI-CogVideoXWrapper ``configs/`` and written
+by diffusers' ``scripts/convert_cogvideox_to_diffusers.py``).
 
 Used to build real-size models without weights (tests on the meta device, benchmarks with random weights).
 The library itself never limits sizes by these values: limits come from a checkpoint's own config.
@@ -31,8 +32,9 @@ _COMMON = {
 
 _5B = {"num_attention_heads": 48, "num_layers": 42}
 
-# 1.5: sample_height/width 300 as written by the diffusers conversion script; see features.md §3.2 for the
-# conflicting reports. Position tables do not depend on it below the 150x150 patch grid.
+# 1.5: sample_height/width 300 as written by the diffusers conversion script (a maintainer confirmed 300 in
+# huggingface/finetrainers#121); zai-org/CogVideo#758 reports 96/170 (768/8, 1360/8). Position tables do not depend
+# on it below the 150x150 patch grid.
 _15 = {**_5B, "sample_height": 300, "sample_width": 300, "sample_frames": 81, "patch_size_t": 2, "patch_bias": False}
 
 TRANSFORMER_CONFIGS: dict[str, dict] = {

@@ -81,3 +81,30 @@ def train_t5_spiece(
     config = {"extra_ids": extra_ids, "model_max_length": model_max_length}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
+
+
+# vae/config.json as published (CogVideoX-5b; kijai/ComfyUI-CogVideoXWrapper configs/vae_config.json).
+PUBLISHED_VAE_5B = {
+    "_class_name": "AutoencoderKLCogVideoX",
+    "_diffusers_version": "0.31.0.dev0",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 256, 512],
+    "down_block_types": ["CogVideoXDownBlock3D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 16,
+    "latents_mean": None,
+    "latents_std": None,
+    "layers_per_block": 3,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_height": 480,
+    "sample_width": 720,
+    "scaling_factor": 0.7,
+    "shift_factor": None,
+    "temporal_compression_ratio": 4,
+    "up_block_types": ["CogVideoXUpBlock3D"] * 4,
+    "use_post_quant_conv": False,
+    "use_quant_conv": False,
+}

@@ -1,7 +1,7 @@
 """The demo model's tokenizer: a sentencepiece Unigram model whose pieces are the captions' whole words.
 
 sentencepiece's Unigram trainer, given a few dozen captions, prunes its vocabulary down to single characters
-(a caption then takes ~25 tokens; reference/demo-feasibility.md saw the same), and our tokenizer only reads
+(a caption then takes ~25 tokens), and our tokenizer only reads
 Unigram models (the type every T5 ships). So the demo trains a Unigram model for its normaliser and characters,
 then appends one piece per caption word ("▁red", "▁moves", ...) with a score that beats any spelling of the
 word from smaller pieces. A caption becomes one token per word, plus ``</s>``.

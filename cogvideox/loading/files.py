@@ -9,11 +9,12 @@ with ``torch.load(weights_only=True)`` so that a checkpoint cannot run code.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from ..configs import read_json
 
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -32,11 +33,13 @@ def _is_variant(path: Path) -> bool:
 
 
 def _files_from_index(index_path: Path) -> list[Path]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index_path} is not a valid shard index (needs a 'weight_map' object): {err}") from err
+    what = "a shard index: a JSON object whose 'weight_map' maps each tensor name to its shard file"
+    weight_map = read_json(index_path, what=what).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(
+            f"{index_path} has no valid 'weight_map' (found {type(weight_map).__name__}): it should be {what}; "
+            "fix the file or download it again"
+        )
     names = list(dict.fromkeys(weight_map.values()))  # shard order as listed, each once
     files = [index_path.parent / name for name in names]
     missing = [str(f) for f in files if not f.is_file()]

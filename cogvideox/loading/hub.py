@@ -15,6 +15,18 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # What any component folder needs: configs, safetensors weights and their indexes, tokenizer files.
 DEFAULT_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt")
+# What a whole pipeline needs from a hub repository (the published ones also hold .bin and .pt copies).
+PIPELINE_FILES = (
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/*.json",
+    "text_encoder/*.safetensors",
+    "transformer/*.json",
+    "transformer/*.safetensors",
+    "vae/*.json",
+    "vae/*.safetensors",
+)
 
 
 def is_hub_id(name: str) -> bool:

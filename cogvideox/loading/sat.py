@@ -1,6 +1,7 @@
 """The original SAT (SwissArmyTransformer) checkpoints: read, rename to the published keys, write as safetensors.
 
-The key map is the one of diffusers' ``scripts/convert_cogvideox_to_diffusers.py`` (features.md §3.7):
+The key map is the one of diffusers' ``scripts/convert_cogvideox_to_diffusers.py`` (github.com/huggingface/diffusers;
+CogVideo's ``tools/convert_weight_sat2hf.py`` is a copy of it):
 
 - transformer (``mp_rank_00_model_states.pt``): strip ``model.diffusion_model.``; ``transformer.layers.N`` ->
   ``transformer_blocks.N``, ``attention`` -> ``attn1``, ``dense`` -> ``to_out.0``, ``mlp.dense_h_to_4h`` ->
@@ -146,7 +147,7 @@ def load_sat_transformer(
     checkpoint: str | Path,
     config: dict,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
 ):
     """A :class:`~cogvideox.Transformer` straight from a SAT checkpoint (no files written); ``config`` is the
@@ -154,7 +155,9 @@ def load_sat_transformer(
     from ..configs import TransformerConfig, config_from_dict
     from ..transformer import Transformer
     from .build import build_on_meta
+    from .dtypes import check_dtype
 
+    dtype = check_dtype(dtype)  # before the (large) checkpoint is read
     parsed = config_from_dict(TransformerConfig, config, "transformer config")
     state = sat_transformer_state_dict(
         read_sat_checkpoint(checkpoint), learned_positions=parsed.use_learned_positional_embeddings

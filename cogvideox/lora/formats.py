@@ -18,7 +18,7 @@ SAT (CogVideo ``sat/`` training, SwissArmyTransformer ``LoraMixin``)::
     ...query_key_value.matrix_B.{0,1,2}  [out/3, r]   (q, k, v)
     ...attention.dense.matrix_{A,B}.0                  (the output projection)
 
-SAT trains with ``lora_alpha = 1``, so the scale is ``1 / r`` (features.md §1.7, §4.11: the official loader
+SAT trains with ``lora_alpha = 1``, so the scale is ``1 / r`` (CogVideo's ``tools/load_cogvideox_lora.py``
 passes ``set_adapters(alpha / rank)`` = 1/128 for rank 128). Any number of layers is accepted (the official
 export script insists on 240 keys, i.e. 2B only).
 """
@@ -26,13 +26,14 @@ export script insists on 240 keys, i.e. 2B only).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
 from pathlib import Path
 
 import torch
+
+from ..configs import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,10 @@ def read_state_dict(path: Path, allow_pickle: bool = False) -> tuple[dict[str, t
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-        return tensors, json.loads(raw) if raw else None
+        if not raw:
+            return tensors, None
+        what = "diffusers' LoRA metadata (the adapter's LoraConfig as a JSON object)"
+        return tensors, parse_json(raw, source=f"the {METADATA_KEY!r} metadata of {path}", what=what)
     if not allow_pickle:
         raise ValueError(
             f"{path} is a pickle file, which can run code when opened, so it is refused: convert it to "

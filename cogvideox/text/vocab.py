@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import logging
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from ..configs import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -193,16 +194,6 @@ def _identity(text: str) -> str:
 # ----------------------------------------------------------------------------------------------- folder reading
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
 def _sentinels(extra_ids: int, first_id: int) -> dict[str, int]:
     """``<extra_id_0>`` is the *last* id: the sentinels follow the pieces in reverse order (reference T5Converter)."""
     return {f"<extra_id_{i}>": first_id + extra_ids - 1 - i for i in range(extra_ids)}
@@ -231,7 +222,7 @@ def _from_sentencepiece(path: Path, extra_ids: int) -> tuple[list[str], list[flo
 
 
 def _from_tokenizer_json(path: Path) -> tuple[list[str], list[float], int, dict[str, int], bytes | None]:
-    data = _read_json(path)
+    data = read_json(path, what="a T5 tokenizer.json (a Unigram model saved by transformers)")
     model = data.get("model") or {}
     if model.get("type") != "Unigram":
         raise ValueError(f"{path}: the T5 tokenizer needs a Unigram model, this file has {model.get('type')!r}")
@@ -271,9 +262,10 @@ def load_vocab(folder: str | Path) -> UnigramVocab:
     """
     folder = Path(folder)
     config_path = folder / TOKENIZER_CONFIG
-    config = _read_json(config_path) if config_path.is_file() else {}
+    what = "the tokenizer_config.json of a T5 tokenizer folder"
+    config = read_json(config_path, what=what) if config_path.is_file() else {}
     extra_ids = config.get("extra_ids", 100)
-    if not isinstance(extra_ids, int) or extra_ids < 0:
+    if isinstance(extra_ids, bool) or not isinstance(extra_ids, int) or extra_ids < 0:
         raise ValueError(f"{config_path}: extra_ids={extra_ids!r} must be a non-negative integer")
 
     json_path, spiece_path = folder / TOKENIZER_JSON, folder / SPIECE_FILE

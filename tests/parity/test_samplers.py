@@ -15,7 +15,7 @@ from cogvideox.presets import SCHEDULER_2B, SCHEDULER_5B
 from cogvideox.samplers import DDIMSampler, DPMSampler, SamplerState, make_sampler
 from tests.helpers import rel_err
 
-# scheduler/scheduler_config.json of the published checkpoints (reference/features.md section 3.4).
+# scheduler/scheduler_config.json of the published checkpoints (kijai/ComfyUI-CogVideoXWrapper configs/).
 PUBLISHED = {"2b": SCHEDULER_2B, "5b": SCHEDULER_5B}
 REFERENCE = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 TOL = 1e-6

@@ -16,6 +16,7 @@ import torch
 from cogvideox import VAE
 from cogvideox.configs import VAEConfig, read_config
 from cogvideox.loading import build_on_meta
+from tests.helpers import PUBLISHED_VAE_5B as PUBLISHED_5B
 from tests.helpers import randomize_, rel_err
 
 diffusers = pytest.importorskip("diffusers")
@@ -40,32 +41,8 @@ TILING = {
     "tile_overlap_factor_width": 0.2,
 }
 
-# vae/config.json as published (CogVideoX-5b; kijai/ComfyUI-CogVideoXWrapper configs/vae_config.json), and the
-# per-model differences (reference/features.md 3.3).
-PUBLISHED_5B = {
-    "_class_name": "AutoencoderKLCogVideoX",
-    "_diffusers_version": "0.31.0.dev0",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 256, 512],
-    "down_block_types": ["CogVideoXDownBlock3D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "latent_channels": 16,
-    "latents_mean": None,
-    "latents_std": None,
-    "layers_per_block": 3,
-    "norm_eps": 1e-06,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_height": 480,
-    "sample_width": 720,
-    "scaling_factor": 0.7,
-    "shift_factor": None,
-    "temporal_compression_ratio": 4,
-    "up_block_types": ["CogVideoXUpBlock3D"] * 4,
-    "use_post_quant_conv": False,
-    "use_quant_conv": False,
-}
+# The per-model differences from the published 5B VAE config: scaling_factor 1.15258426 for 2B, invert_scale_latents
+# for 1.5.
 PUBLISHED = {
     "2b": {**PUBLISHED_5B, "scaling_factor": 1.15258426},
     "5b": PUBLISHED_5B,

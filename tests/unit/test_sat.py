@@ -186,7 +186,7 @@ def test_cli_convert_sat(tmp_path, capsys):
 
 
 def vae_to_sat(published: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Published VAE keys -> SAT ``3d-vae.pt`` keys (the inverse of features.md §3.7's VAE map)."""
+    """Published VAE keys -> SAT ``3d-vae.pt`` keys (the inverse of the VAE map of diffusers' conversion script)."""
     sat = {}
     for key, tensor in published.items():
         for ours, theirs in (("mid_block.resnets.0", "mid.block_1"), ("mid_block.resnets.1", "mid.block_2"),
