@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,41 @@ def _option(parser: argparse.ArgumentParser, *names: str, **kwargs) -> None:
     """An option under its dashed name and the official demo's underscored one."""
     spellings = list(names) + ["--" + n[2:].replace("-", "_") for n in names if "-" in n[2:]]
     parser.add_argument(*dict.fromkeys(spellings), **kwargs)
+
+
+def _finite_float(text: str) -> float:
+    """An argparse ``type=``: a float that is not nan or inf (float() takes both, and they would run to the end)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give a plain number such as 1.5") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: give a plain number such as 1.5")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: give a number >= 0 (e.g. 6.0)")
+    return value
+
+
+def _strength(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]: give a number above 0 and at most 1 (e.g. 0.8)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give one such as 8") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not positive: give a whole number >= 1 (e.g. 8)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,14 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     _option(gen, "--generate-type", choices=("t2v", "i2v", "v2v"), default=None,
             help="default: i2v for image-to-video checkpoints, v2v when a video is given, else t2v")  # fmt: skip
     _option(gen, "--output", "--output-path", dest="output", default="output.mp4", help=".mp4, .gif or .webp")
-    _option(gen, "--guidance-scale", type=float, default=6.0)
+    _option(gen, "--guidance-scale", type=_non_negative_float, default=6.0)
     _option(gen, "--num-inference-steps", type=int, default=50)
     _option(gen, "--num-frames", type=int, default=None, help="default: 49 (1.0) or 81 (1.5)")
     _option(gen, "--width", type=int, default=None)
     _option(gen, "--height", type=int, default=None)
-    _option(gen, "--fps", type=int, default=None, help="default: 8 (1.0) or 16 (1.5)")
+    _option(gen, "--fps", type=_positive_int, default=None, help="default: 8 (1.0) or 16 (1.5)")
     _option(gen, "--num-videos-per-prompt", type=int, default=1)
-    _option(gen, "--strength", type=float, default=0.8, help="video-to-video: how much to change the input")
+    _option(gen, "--strength", type=_strength, default=0.8, help="video-to-video: how much to change the input")
     _option(gen, "--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     _option(gen, "--device", default=None, help="default: cuda when available, else cpu")
     _option(gen, "--seed", type=int, default=42)
@@ -69,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="decode one video of the batch at a time (default on)")  # fmt: skip
     _option(gen, "--lora", action="append", default=[], metavar="PATH",
             help="LoRA adapter (file, folder or hub id; diffusers or SAT layout); repeat for several")  # fmt: skip
-    _option(gen, "--lora-scale", type=float, action="append", default=[],
+    # Negative LoRA weights are meaningful (they subtract an adapter), so only nan and inf are refused.
+    _option(gen, "--lora-scale", type=_finite_float, action="append", default=[],
             help="weight of each --lora (one for all, or one per --lora; default 1.0)")  # fmt: skip
     _option(gen, "--quiet", action="store_true", help="no progress bar")
     _option(gen, "--ulysses-degree", type=int, default=1,
@@ -119,13 +156,14 @@ def generate(args: argparse.Namespace) -> list[Path]:
     """Run one generation from parsed arguments; returns the written paths (none on ranks other than 0)."""
     import torch
 
-    from .io import VIDEO_SUFFIXES, load_image, load_video, save_video
+    from .io import check_output_path, input_file, load_image, load_video, save_video
     from .pipeline import Pipeline
     from .request import default_fps
 
-    output = Path(args.output)
-    if output.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"--output {output}: use one of {', '.join(VIDEO_SUFFIXES)}")
+    # Paths first: a bad one found after minutes of loading and generating would throw the video away.
+    output = check_output_path(args.output)
+    if args.input_path:
+        input_file(args.input_path, "--image-or-video-path", "a path to an image or a video file")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     parallel = _parallel_config(args)
     if parallel is not None and args.offload != "none":  # before init and minutes of loading
@@ -189,22 +227,35 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
 def convert_sat_command(args: argparse.Namespace) -> list[Path]:
     """``cogvideox convert-sat IN OUT --config NAME|config.json [--vae 3d-vae.pt]``; returns [OUT]."""
-    import json
-
     import torch
 
     from .loading.sat import convert_sat
     from .presets import TRANSFORMER_CONFIGS
 
-    def read(path_or_name: str) -> dict:
-        if path_or_name in TRANSFORMER_CONFIGS:
-            return dict(TRANSFORMER_CONFIGS[path_or_name])
-        return json.loads(Path(path_or_name).read_text(encoding="utf-8"))
-
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    vae_config = read(args.vae_config) if args.vae_config else None
-    return [convert_sat(args.input, args.output, transformer_config=read(args.config), vae_checkpoint=args.vae,
+    transformer_config = _read_config(args.config, "--config", TRANSFORMER_CONFIGS)
+    vae_config = _read_config(args.vae_config, "--vae-config", {}) if args.vae_config else None
+    return [convert_sat(args.input, args.output, transformer_config=transformer_config, vae_checkpoint=args.vae,
                         vae_config=vae_config, dtype=dtype)]  # fmt: skip
+
+
+def _read_config(value: str, option: str, known: dict[str, dict]) -> dict:
+    """A config given as one of the ``known`` names (exact spelling) or as a config.json path."""
+    from .configs import read_json
+
+    if value in known:
+        return dict(known[value])
+    path = Path(value)
+    if not path.is_file():
+        # Names are matched exactly: a near miss is reported, never silently taken for another model.
+        near = [name for name in known if name.lower() == value.lower()]
+        hint = f"did you mean {near[0]!r} (names are case-sensitive)? " if near else ""
+        names = f"a known name ({', '.join(known)}) or " if known else ""
+        raise ValueError(
+            f"{option} {value!r} is neither a known config name nor an existing file: {hint}give {names}the path of "
+            "a config.json"
+        )
+    return read_json(path, what=f"the config.json given as {option}")
 
 
 def _rank_prefix() -> str:

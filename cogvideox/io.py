@@ -13,7 +13,9 @@ Accepted frame layouts (what the pipeline returns for each ``output_type``):
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,59 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_parent_folder
 
 logger = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
+# A scheme such as https:// or s3://; Windows drive paths (C:\Users) have no "//" after the colon.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def input_file(source: Any, kind: str, accepted: str) -> Path:
+    """``source`` as the path of an existing local file, or a clear error: raw bytes and objects that are not paths
+    are a TypeError, URLs a ValueError (nothing is downloaded), a missing file a FileNotFoundError.
+
+    Args:
+        source: what the caller passed as a file.
+        kind: what it is for, e.g. ``"image"`` or ``"video"``, to start the messages.
+        accepted: every kind of value the caller takes, to say what to pass instead.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        wrap = (
+            "bytes, write them to a file (Path('input.mp4').write_bytes(data)) and pass its path"
+            if kind == "video"
+            else "bytes, open them with PIL.Image.open(io.BytesIO(data))"
+        )
+        raise TypeError(f"{kind}: got {type(source).__name__} ({len(source)} bytes); pass {accepted}; for raw {wrap}")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{kind}: got {type(source).__name__}; pass {accepted}")
+    text = os.fspath(source)
+    if isinstance(text, str) and _URL.match(text):
+        raise ValueError(
+            f"{kind} {text!r} is a URL: URLs are not downloaded; download the file first (e.g. "
+            f"urllib.request.urlretrieve(url, 'input{Path(text).suffix}')) and pass its local path"
+        )
+    path = Path(os.fsdecode(text))
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+        raise FileNotFoundError(f"{kind} {path} not found: no such file{where}; check the path")
+    if not path.is_file():
+        raise IsADirectoryError(f"{kind} {path} is a folder, not a file: pass {accepted}")
+    return path
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if ``save_video`` can write it: a suffix it writes, not a folder, and a folder that exists
+    or can be created (no ancestor is a file). Cheap: run it before the generation whose video goes there."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"cannot write {path.name!r}: use one of {', '.join(VIDEO_SUFFIXES)}")
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"cannot write {path}: it is a folder; give a file name in it, e.g. {path / 'output.mp4'}"
+        )
+    return check_parent_folder(path)
 
 
 def frames_to_uint8(frames: Any) -> np.ndarray:
@@ -49,6 +99,11 @@ def frames_to_uint8(frames: Any) -> np.ndarray:
         raise ValueError(
             f"frames of shape {frames.shape}: expected one video [F, H, W, 3] (numpy), [F, 3, H, W] (torch) or a "
             "list of PIL images; for a pipeline result pass out.frames[0]"
+        )
+    if 0 in frames.shape[:3]:  # ffmpeg and Pillow fail on these with messages about their own internals
+        raise ValueError(
+            f"frames of shape {frames.shape} (frames, height, width, channels): a video needs at least 1 frame of at "
+            "least 1x1 pixels; check how the frames were made (e.g. a crop or slice that came out empty)"
         )
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)
@@ -96,12 +151,10 @@ def save_video(frames: Any, path: str | os.PathLike, fps: float = 8, quality: fl
         fps: frames per second (8 for CogVideoX 1.0, 16 for 1.5).
         quality: mp4 quality on imageio's 0-10 scale.
     """
-    path = Path(path)
+    path = check_output_path(path)
     suffix = path.suffix.lower()
-    if suffix not in VIDEO_SUFFIXES:
-        raise ValueError(f"cannot write {path.name!r}: use one of {', '.join(VIDEO_SUFFIXES)}")
-    if not fps > 0:
-        raise ValueError(f"fps={fps}: must be positive")
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps={fps}: must be positive and finite (e.g. 8 or 16)")
     array = frames_to_uint8(frames)
     with atomic_path(path) as tmp:  # same suffix: the writers pick the format from it
         if suffix == ".mp4":
@@ -115,10 +168,7 @@ def save_video(frames: Any, path: str | os.PathLike, fps: float = 8, quality: fl
 def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
     """An RGB PIL image from a path or an image, whatever its mode (palette, RGBA, grey, CMYK, 16-bit)."""
     if not isinstance(image, Image.Image):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} not found")
-        image = Image.open(path)
+        image = Image.open(input_file(image, "image", "a file path or a PIL image"))
         image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
     if image.mode == "I;16" or image.mode == "I":
         image = image.point(lambda v: v / 256).convert("L")
@@ -129,9 +179,7 @@ def load_video(video: str | os.PathLike | Sequence[Image.Image]) -> list[Image.I
     """The frames of a video file (mp4 and anything ffmpeg reads, gif, webp) as RGB PIL images."""
     if isinstance(video, (list, tuple)):
         return [load_image(frame) for frame in video]
-    path = Path(video)
-    if not path.is_file():
-        raise FileNotFoundError(f"video {path} not found")
+    path = input_file(video, "video", "a video file path or a list of PIL images or image paths")
     if path.suffix.lower() in (".gif", ".webp"):
         with Image.open(path) as animation:
             frames = []

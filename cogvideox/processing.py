@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .io import load_image, load_video
-from .request import VAE_TEMPORAL
+from .io import input_file, load_image, load_video
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+IMAGE_INPUTS = "a file path, a PIL image, a numpy array [H, W, 3] or a torch tensor [3, H, W]"
+VIDEO_INPUTS = "a video file path, or a list of frames (each a file path, PIL image, numpy array or torch tensor)"
 
 
 def _channels_last(image: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,8 @@ def to_pil(image: Any) -> Image.Image:
         if image.dtype != np.uint8:
             image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         image = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+    if not isinstance(image, Image.Image):
+        image = input_file(image, "image", IMAGE_INPUTS)  # names everything the pipeline takes, not only paths
     return load_image(image)
 
 
@@ -68,19 +71,28 @@ def image_to_tensor(image: Any, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
 
 
-def video_frames_for_v2v(video: Any, num_frames: int | None = None) -> list:
+def video_frames_for_v2v(video: Any, num_frames: int | None = None, *, temporal: int = 4) -> list:
     """The video-to-video input (a path, or a sequence of frames of any accepted kind) as a list of frames, cut to
-    ``num_frames`` or, when that is None, to its longest 4k+1 prefix (with a warning)."""
-    frames = load_video(video) if isinstance(video, (str, os.PathLike)) else list(video)
+    ``num_frames`` or, when that is None, to its longest ``temporal``k+1 prefix (with a warning); ``temporal`` is
+    the VAE's temporal compression (``vae.temporal_compression``, 4 for every published VAE)."""
+    if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
+        frames = load_video(input_file(video, "video", VIDEO_INPUTS))
+    elif isinstance(video, (Sequence, np.ndarray, torch.Tensor)):
+        frames = list(video)
+    else:
+        raise TypeError(f"video: got {type(video).__name__}; pass {VIDEO_INPUTS}")
+    for frame in frames:  # cheap type checks now, so that a bad frame fails before any model runs
+        if not isinstance(frame, (Image.Image, np.ndarray, torch.Tensor)):
+            input_file(frame, "video frame", IMAGE_INPUTS)
     if not frames:
         raise ValueError("video has no frames: video-to-video needs at least 1 frame (4k+1, e.g. 49)")
     if num_frames is not None:
         if num_frames > len(frames):
             raise ValueError(f"num_frames={num_frames} but the video has only {len(frames)} frames")
         return frames[:num_frames]
-    usable = (len(frames) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
+    usable = (len(frames) - 1) // temporal * temporal + 1
     if usable != len(frames):
-        logger.warning("video has %d frames; using the first %d (the VAE takes 4k+1)", len(frames), usable)
+        logger.warning("video has %d frames; using the first %d (the VAE takes %dk+1)", len(frames), usable, temporal)
     return frames[:usable]
 
 
