@@ -1,5 +1,6 @@
 """CPU linear kernels: ``F.linear`` (MKL's sgemm for float32) against oneDNN's matrix product, which
-``cogvideox.ops.linear`` uses for float32 inference products of at least ``ONEDNN_MIN_MACS`` multiply-adds.
+``cogvideox.ops.linear.OneDNNLinear`` (what ``use_onednn_linear_`` makes of a model's layers) uses for float32
+inference products of at least ``ONEDNN_MIN_MACS`` multiply-adds.
 
     python benchmarks/linear.py              # the real layer shapes of the 5B transformer and T5-XXL, ~1 minute
     python benchmarks/linear.py --repeats 9
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import append_result, command_line, machine, markdown_table, today  # noqa: E402
-from cogvideox.ops.linear import ONEDNN_MIN_MACS, cpu_onednn_linear_enabled  # noqa: E402
+from cogvideox.ops.linear import ONEDNN_MIN_MACS, onednn_linear_available  # noqa: E402
 
 # (what, rows, in, out)
 SHAPES = [
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    if not cpu_onednn_linear_enabled():
+    if not onednn_linear_available():
         raise SystemExit("this PyTorch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
 
     rows = []
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(header, rows)
     facts = (
         f"float32, no autograd, median of {args.repeats} alternating calls after one warm-up; 'used' is the kernel "
-        f"cogvideox.ops.linear picks (oneDNN from {ONEDNN_MIN_MACS:,} multiply-adds)"
+        f"a OneDNNLinear layer picks (oneDNN from {ONEDNN_MIN_MACS:,} multiply-adds)"
     )
     print(f"\n{facts}\n\n{table}\n")
     if args.no_results:

@@ -9,10 +9,11 @@ The two models share their weight tensors (the reference is built on the meta de
 comparison costs one copy of the weights. The reference gets its rotary tables as its pipeline prepares them,
 once, outside the timing; ours computes and caches its own on the warm-up call. Timings run in blocks (ours,
 reference, reference, ours), each block after a change of side led by an untimed call; the median is reported.
-On the CPU, ours runs its large float32 products through oneDNN (``cogvideox.ops.linear``) and the reference
-through ``F.linear`` (MKL); ``--aten-linear`` gives ours ``F.linear`` too, which isolates everything but the
-matrix products. Peak memory is what the step allocates on top of weights and inputs:
-``torch.cuda.max_memory_allocated`` on a GPU, a live-tensor count (``LiveTensorBytes``) on the CPU.
+On the CPU, ours runs its large float32 products through oneDNN (``use_onednn_linear_(ours)``, as the pipeline
+does; ``cogvideox.ops.linear``) and the reference through ``F.linear`` (MKL); ``--aten-linear`` skips that swap,
+so ours runs ``F.linear`` too, which isolates everything but the matrix products. Peak memory is what the step
+allocates on top of weights and inputs: ``torch.cuda.max_memory_allocated`` on a GPU, a live-tensor count
+(``LiveTensorBytes``) on the CPU.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from benchmarks._common import (  # noqa: E402
 )
 from cogvideox import Transformer  # noqa: E402
 from cogvideox.ops.fp8 import weight_bytes  # noqa: E402
-from cogvideox.ops.linear import set_cpu_onednn_linear  # noqa: E402
+from cogvideox.ops.linear import use_onednn_linear_  # noqa: E402
 from cogvideox.presets import TRANSFORMER_CONFIGS, transformer_config  # noqa: E402
 
 logger = logging.getLogger("step")
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fuse-qkv", action="store_true", help="fused q/k/v projection on both sides")
     parser.add_argument("--fp8", action="store_true", help="ours with fp8 weight storage (the reference as is)")
     parser.add_argument(
-        "--aten-linear", action="store_true", help="ours with F.linear on the CPU too (set_cpu_onednn_linear(False))"
+        "--aten-linear", action="store_true", help="ours with F.linear on the CPU too (no use_onednn_linear_(ours))"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both whole models (fullgraph)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
@@ -195,8 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    set_cpu_onednn_linear(not args.aten_linear)  # the reference's nn.Linear layers always run F.linear
     config, ours, ref, rotary = build_models(args, device, dtype)
+    if not args.aten_linear:
+        # Ours only: the swap changes the class of our layers, not the weights the reference shares, and the
+        # reference's nn.Linear layers always run F.linear. After fp8 (if asked), so fp8 layers stay as they are.
+        use_onednn_linear_(ours)
     shape = Shape.of(config, args.frames, args.height, args.width)
     if config.use_learned_positional_embeddings and (args.frames, args.height, args.width) != (49, 480, 720):
         raise SystemExit(f"{args.model} has learned positions: run it at --frames 49 --height 480 --width 720")

@@ -9,13 +9,18 @@ Two offload modes, both exact (the same kernels run on the same values; only whe
   the transformer's and the text encoder's blocks live in pinned host memory; block ``i + 1`` is copied on a
   side stream while block ``i`` computes, and a block's device copy is dropped as soon as it has run, so at most
   two blocks are resident. The diffusers/accelerate sequential offload copies every layer synchronously right
-  before it runs (3-5x slower, reference/performance.md §4); overlapping the copy with the compute hides it
+  before it runs (3-5x slower: the CogVideoX model cards; >3x in diffusers#2266); overlapping the copy hides it
   whenever a block's compute takes longer than its copy (5B at 49x480x720: ~0.25 GiB per block in bf16 is ~10 ms
   at 25 GB/s over PCIe 4/5, against ~50 ms of compute per block in a guided step of ~2.2 s).
 
 The streaming logic does not depend on the device: :class:`Transfers` hides the CUDA streams and events, and on any
 other target it copies synchronously, so the CPU tests exercise the same hooks (a "load" is a real copy even when
 the target is the CPU, so a test can see which blocks hold a device copy at each moment).
+
+Switches that replace layers inside streamed blocks (LoRA load/unload, q/k/v fusion, fp8 storage) ask
+:func:`is_streamed` and refuse (:func:`require_not_streamed`): the streamer copies only the tensors each block held
+when it started. Switches that change weights in place (fusing a LoRA) work under both modes: a pending block copy
+made before the change is made again, and a component changed on the device is copied back when it leaves.
 """
 
 from __future__ import annotations
@@ -58,6 +63,53 @@ def _set_data(owner: nn.Module, name: str, is_parameter: bool, data: torch.Tenso
         owner._parameters[name].data = data
     else:
         owner._buffers[name] = data
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The in-place write counter of a tensor; None for tensors made under ``torch.inference_mode``, which keep
+    none (their in-place writes cannot be seen). A Parameter keeps its own counter across ``.data`` re-pointing
+    (which the hooks do and which does not count), so writes through the parameter (``add_``, ``copy_``: what
+    fusing a LoRA does) show on it whichever storage it points at."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _version(owner: nn.Module, name: str, is_parameter: bool) -> int | None:
+    return _version_of(_get(owner, name, is_parameter))
+
+
+# ------------------------------------------------------------------------------------------------ queries
+
+
+class _StreamerHook:
+    """A forward (pre-)hook that :class:`BlockStreamer` installs on a block; :func:`is_streamed` finds it by type."""
+
+    def __init__(self, streamer: BlockStreamer, fn: Callable) -> None:
+        self.streamer = streamer
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def is_streamed(module: nn.Module) -> bool:
+    """Whether a :class:`BlockStreamer` streams ``module`` or any module inside it (sequential CPU offload).
+
+    Read from the hooks the streamer installs on its blocks, so it is true from the streamer's creation to its
+    :meth:`~BlockStreamer.remove` (``disable_cpu_offload()``) and says nothing about other offload modes."""
+    # nn.Module has no public way to list hooks; _forward_pre_hooks is the dict register_forward_pre_hook fills.
+    return any(isinstance(hook, _StreamerHook) for m in module.modules() for hook in m._forward_pre_hooks.values())
+
+
+def require_not_streamed(module: nn.Module, switch: str) -> None:
+    """Raise RuntimeError naming ``switch`` (e.g. ``"load_lora()"``) when ``module``'s blocks are streamed: a
+    switch that replaces layers inside the blocks would leave the new tensors behind in host memory (the streamer
+    copies only the tensors each block held when it started) and the streamer holding the old ones."""
+    if is_streamed(module):
+        raise RuntimeError(
+            f"{switch} cannot change the layers of blocks that sequential CPU offload is streaming (the streamer "
+            f"moves only the tensors the blocks held when it started): call {switch} before "
+            f"enable_sequential_cpu_offload(), or call disable_cpu_offload() first and enable the offload again after"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ transfers
@@ -120,7 +172,8 @@ class BlockStreamer:
         # Per block: the slots (owner, name, is_parameter) and their host tensors, pinned once here.
         self._slots: list[list[tuple[nn.Module, str, bool]]] = []
         self._host: list[list[torch.Tensor]] = []
-        self._pending: dict[int, tuple[list[torch.Tensor], Any]] = {}
+        # Per block in flight: (device tensors, copy event, slot versions when the copy started).
+        self._pending: dict[int, tuple[list[torch.Tensor], Any, list[int | None]]] = {}
         self._resident: set[int] = set()
         self._handles: list[Any] = []
         with torch.no_grad():
@@ -135,8 +188,8 @@ class BlockStreamer:
                 self._slots.append(slots)
                 self._host.append(host)
         for index, block in enumerate(blocks):
-            self._handles.append(block.register_forward_pre_hook(self._before(index)))
-            self._handles.append(block.register_forward_hook(self._after(index)))
+            self._handles.append(block.register_forward_pre_hook(_StreamerHook(self, self._before(index))))
+            self._handles.append(block.register_forward_hook(_StreamerHook(self, self._after(index))))
 
     @property
     def resident(self) -> set[int]:
@@ -151,12 +204,19 @@ class BlockStreamer:
         """Start copying block ``index`` (no-op when it is already resident or on its way)."""
         if index in self._resident or index in self._pending:
             return
-        self._pending[index] = self.transfers.copy(self._host[index])
+        versions = [_version(*slot) for slot in self._slots[index]]
+        self._pending[index] = (*self.transfers.copy(self._host[index]), versions)
         self._log("load", index)
 
     def _install(self, index: int) -> None:
         self.prefetch(index)
-        tensors, event = self._pending.pop(index)
+        tensors, event, versions = self._pending.pop(index)
+        if versions != [_version(*slot) for slot in self._slots[index]]:
+            # Written in place since the copy started (e.g. fuse_lora() between two calls, with block 0's
+            # wrap-around prefetch pending): that copy holds the old values, so copy again. The stale copy was
+            # made on the same side stream, so its memory is reused only after it has landed.
+            tensors, event = self.transfers.copy(self._host[index])
+            self._log("load", index)
         self.transfers.wait(tensors, event)
         for (owner, name, is_param), tensor in zip(self._slots[index], tensors, strict=True):
             _set_data(owner, name, is_param, tensor)
@@ -209,9 +269,10 @@ class ComponentOffload:
     :meth:`add` registers a component with the modules whose forward brings it in (``triggers``). A component
     added with ``leave_after=True`` goes back to the host right after that forward (the text encoder: its output
     is all the pipeline needs); otherwise it stays until another component is called. For a component with a
-    ``streamer`` only the parts outside the streamed blocks move here. Weights are treated as read-only while on
-    the device (change them, e.g. fuse a LoRA, while the pipeline is idle): going back to the host re-points each
-    tensor at its host copy instead of copying it back.
+    ``streamer`` only the parts outside the streamed blocks move here. Going back to the host re-points each
+    tensor at its host copy instead of copying it back, except tensors written in place on the device (fusing a
+    LoRA while the component is there: their in-place write counter moved) and tensors added or replaced there,
+    which are copied back.
     """
 
     def __init__(self, device: torch.device | str, *, events: list | None = None) -> None:
@@ -220,7 +281,8 @@ class ComponentOffload:
         self.active: str | None = None
         self._modules: dict[str, nn.Module] = {}
         self._streamed: dict[str, BlockStreamer] = {}
-        self._host: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+        # Per component, while on the device: (id(owner), name) -> (host copy, tensor put in the slot, its version).
+        self._host: dict[str, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int | None]]] = {}
         self.transfers = Transfers(self.device)
         self._handles: list[Any] = []
 
@@ -243,9 +305,9 @@ class ComponentOffload:
                 self._handles.append(trigger.register_forward_hook(self._after(name)))
 
     def _move(self, name: str, *, onto_device: bool) -> None:
-        """Weights are read-only while on the device, so going back to the host re-points each tensor at the host
-        copy it came from (no device-to-host copy); only tensors that appeared meanwhile are copied back. The host
-        copies are pinned on CUDA (once), so loading is a fast asynchronous copy."""
+        """Going back to the host re-points each tensor at the host copy it came from (no device-to-host copy);
+        only tensors that appeared or were written in place meanwhile are copied back. The host copies are pinned
+        on CUDA (once), so loading is a fast asynchronous copy."""
         module = self._modules[name]
         streamer = self._streamed.get(name)
         skip = set() if streamer is None else {id(t) for b in streamer.blocks for t in [*b.parameters(), *b.buffers()]}
@@ -257,17 +319,26 @@ class ComponentOffload:
                 if id(tensor) in skip:
                     continue
                 if not onto_device:
-                    host = host_of.pop(key, None)
-                    if host is None or host.shape != tensor.shape or host.dtype != tensor.dtype:
-                        host = tensor.data.to(HOST)  # a tensor added while on the device
+                    host, loaded, version = host_of.pop(key, (None, None, None))
+                    if host is None or tensor is not loaded or host.shape != tensor.shape or host.dtype != tensor.dtype:
+                        host = tensor.data.to(HOST)  # a tensor added or replaced while on the device
+                    elif _version_of(tensor) != version:
+                        host.copy_(tensor.data)  # written in place on the device (e.g. fuse_lora()): keep it
                     _set_data(owner, tensor_name, is_param, host)
                 elif key not in host_of:
                     host = self.transfers.pin(tensor.data.to(HOST))
-                    host_of[key] = host
                     # copy=True: a real copy even when the target is the host itself (what the CPU tests watch).
                     _set_data(owner, tensor_name, is_param, host.to(self.device, non_blocking=True, copy=True))
-        if not onto_device and streamer is not None:
-            streamer.drop_all()
+                    # What to compare on the way back: the object now in the slot (a buffer is replaced by its
+                    # device copy, a parameter stays) and its write counter.
+                    loaded = _get(owner, tensor_name, is_param)
+                    host_of[key] = (host, loaded, _version_of(loaded))
+        if not onto_device:
+            # Host copies of tensors that left the module while it was on the device (layers replaced by fp8
+            # storage or q/k/v fusion): nothing will ask for them again.
+            host_of.clear()
+            if streamer is not None:
+                streamer.drop_all()
 
     def manages(self, name: str) -> bool:
         """Whether component ``name`` is moved by this offload."""

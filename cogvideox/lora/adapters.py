@@ -8,6 +8,7 @@ registry): which adapters are loaded, their weights, whether they are fused.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..offload import require_not_streamed
 from ..ops.linear import is_plain_linear
 from .formats import LoraFile, lora_file_path, parse_lora, read_state_dict
 from .layers import LoraAdapter, LoraLinear
@@ -46,6 +48,22 @@ def _is_fused(model: nn.Module) -> bool:
 def _require_unfused(model: nn.Module, action: str) -> None:
     if _is_fused(model):
         raise RuntimeError(f"cannot {action} while LoRA is fused into the weights: call unfuse_lora() first")
+
+
+def _finite_weight(value: object, where: str) -> float:
+    """``value`` as a float, or an error naming it: ``where`` is a template for ``str.format(value)`` such as
+    ``"load_lora(scale={!r})"``. A NaN or infinite adapter weight would turn every output into NaN or inf without
+    any other sign."""
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where.format(value)}: an adapter weight is a number, e.g. 1.0") from None
+    if not math.isfinite(weight):
+        raise ValueError(
+            f"{where.format(value)}: an adapter weight must be a finite number, e.g. 1.0 (0.0 leaves the adapter "
+            "without effect)"
+        )
+    return weight
 
 
 # ---------------------------------------------------------------------------------------------------- load
@@ -133,10 +151,14 @@ def load_lora(
 
     Raises:
         ValueError: no LoRA keys; a layer this model lacks or a shape mismatch (names the key and both shapes);
-            a pickle file without ``allow_pickle=True``; an adapter name already loaded or not a plain name.
-        RuntimeError: LoRA is fused (unfuse first).
+            a pickle file without ``allow_pickle=True``; an adapter name already loaded or not a plain name;
+            a ``scale`` that is NaN or infinite.
+        RuntimeError: LoRA is fused (unfuse first); sequential CPU offload streams the blocks (load before
+            enabling it).
     """
+    scale = _finite_weight(scale, "load_lora(scale={!r})")
     _require_unfused(model, "load another adapter")
+    require_not_streamed(model, "load_lora()")
     loaded = loaded_adapters(model)
     name = adapter_name if adapter_name is not None else f"default_{len(loaded)}"
     if not _NAME.match(name):
@@ -161,7 +183,7 @@ def load_lora(
         base = layer.base
         device = (base.bias if base.bias is not None else base.weight).device
         adapter = _stack_parts(parts, base.out_features, dtype, device)
-        adapter.weight = float(scale)
+        adapter.weight = scale
         layer.adapters[name] = adapter
     logger.info("loaded LoRA %r from %s (%s layout, %d layers)", name, source, lora.layout, len(plan))
     return name
@@ -184,20 +206,25 @@ def set_adapters(
     model: nn.Module, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None
 ) -> None:
     """Make exactly ``adapter_names`` active with ``adapter_weights`` (one per name, one for all, or 1.0);
-    every other loaded adapter becomes inactive (still loaded)."""
+    every other loaded adapter becomes inactive (still loaded). A NaN or infinite weight is a ValueError."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     if adapter_weights is None:
         weights = [1.0] * len(names)
     elif isinstance(adapter_weights, (int, float)):
-        weights = [float(adapter_weights)] * len(names)
+        weights = [adapter_weights] * len(names)
     else:
-        weights = [float(w) for w in adapter_weights]
+        weights = list(adapter_weights)
     if len(weights) != len(names):
         raise ValueError(f"{len(names)} adapter names but {len(weights)} weights: give one weight per name")
     loaded = loaded_adapters(model)
     unknown = [n for n in names if n not in loaded]
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; loaded: {list(loaded)}")
+    # Loaded names are plain (letters, digits, '_', '-'), so they are safe inside the message template.
+    weights = [
+        _finite_weight(weight, f"set_adapters(): weight {{!r}} for {name!r}")
+        for name, weight in zip(names, weights, strict=True)
+    ]
     _require_unfused(model, "change the active adapters")
     chosen = dict(zip(names, weights, strict=True))
     for layer in lora_layers(model).values():
@@ -210,7 +237,10 @@ def set_adapters(
 
 def fuse_lora(model: nn.Module, lora_scale: float = 1.0) -> None:
     """Add the active adapters into the base weights (no LoRA cost per step). The original weights are kept
-    on the CPU, so :func:`unfuse_lora` restores them exactly. Needs full-precision base layers (not fp8)."""
+    on the CPU, so :func:`unfuse_lora` restores them exactly. Needs full-precision base layers (not fp8) and a
+    finite ``lora_scale``. Works under CPU offload (the weights are changed in place, and the offload hooks copy
+    them again)."""
+    lora_scale = _finite_weight(lora_scale, "fuse_lora(lora_scale={!r})")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("no LoRA is loaded: call load_lora() first")
@@ -227,16 +257,33 @@ def fuse_lora(model: nn.Module, lora_scale: float = 1.0) -> None:
 
 
 def unfuse_lora(model: nn.Module) -> None:
-    """Restore the base weights saved by :func:`fuse_lora` (bit-exact); the adapters run unfused again."""
-    for layer in lora_layers(model).values():
+    """Restore the base weights saved by :func:`fuse_lora` (bit-exact); the adapters run unfused again.
+
+    With nothing fused (no LoRA loaded, or loaded but not fused, or unfused already) this is a no-op that logs
+    "nothing to unfuse" at debug level: the model is already in the asked state, and cleanup code can call it
+    unconditionally."""
+    fused = [layer for layer in lora_layers(model).values() if layer.is_fused]
+    if not fused:
+        logger.debug("unfuse_lora(): nothing to unfuse (no LoRA is fused into the weights)")
+        return
+    for layer in fused:
         layer.unfuse()
 
 
 def unload_lora(model: nn.Module) -> None:
     """Remove every adapter, putting the plain layers back. Fused adapters stay in the weights (as in
     diffusers: ``fuse_lora()`` then ``unload_lora()`` bakes the LoRA in); call ``unfuse_lora()`` first to get
-    the original weights back."""
-    for path, layer in lora_layers(model).items():
+    the original weights back.
+
+    With no adapter loaded (never loaded, or unloaded already) this is a no-op that logs "nothing to unload" at
+    debug level, so cleanup code can call it unconditionally. Raises RuntimeError, changing nothing, while
+    sequential CPU offload streams the blocks (unload before enabling it)."""
+    layers = lora_layers(model)
+    if not layers:
+        logger.debug("unload_lora(): nothing to unload (no LoRA is loaded)")
+        return
+    require_not_streamed(model, "unload_lora()")
+    for path, layer in layers.items():
         set_child(model, path, layer.base)
 
 

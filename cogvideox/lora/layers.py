@@ -36,7 +36,7 @@ class LoraAdapter(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """Wraps ``base`` (``nn.Linear`` or :class:`~cogvideox.ops.fp8.Fp8Linear`) with named adapters.
+    """Wraps ``base`` (``nn.Linear``, its oneDNN form or :class:`~cogvideox.ops.fp8.Fp8Linear`) with named adapters.
 
     ``state_dict()`` gives the base layer's keys at this module's prefix (``to_q.weight``), as if unwrapped.
     """

@@ -1,5 +1,6 @@
-"""Kernels with one explicit switch each: attention backends (sdpa by default, math as the readable reference) and
-the CPU linear kernel (oneDNN for large float32 inference products, ``F.linear`` otherwise)."""
+"""Kernels: attention backends (one explicit switch; sdpa by default, math as the readable reference) and the CPU
+linear kernel (oneDNN for large float32 inference products, ``F.linear`` otherwise), which a model opts into with
+:func:`use_onednn_linear_` on its own layers."""
 
 from .attention import (
     BACKENDS,
@@ -10,17 +11,18 @@ from .attention import (
     set_attention_backend,
     use_attention_backend,
 )
-from .linear import Linear, linear, set_cpu_onednn_linear
+from .linear import OneDNNLinear, onednn_linear, use_aten_linear_, use_onednn_linear_
 
 __all__ = [
     "BACKENDS",
-    "Linear",
+    "OneDNNLinear",
     "attention",
     "attention_math",
     "attention_sdpa",
     "get_attention_backend",
-    "linear",
+    "onednn_linear",
     "set_attention_backend",
-    "set_cpu_onednn_linear",
+    "use_aten_linear_",
     "use_attention_backend",
+    "use_onednn_linear_",
 ]

@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .linear import is_plain_linear, linear
+from .linear import is_plain_linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -83,7 +84,8 @@ class Fp8Linear(nn.Module):
         return self.weight.to(dtype).mul_(torch.exp2(self.weight_exponent.to(dtype))[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.dequantized_weight(x.dtype), self.bias)
+        # F.linear, not the CPU oneDNN kernel: fp8 storage is for GPU memory, where the product runs in bf16.
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Fp8Linear:
         # nn.Module.to(dtype) converts every floating tensor, and fp8 counts as floating. The conversion is
@@ -100,8 +102,9 @@ class Fp8Linear(nn.Module):
 
 @torch.no_grad()
 def linears_to_fp8_(module: nn.Module, include: Callable[[str, nn.Linear], bool] | None = None) -> list[str]:
-    """Replace the ``nn.Linear`` layers under ``module`` (those ``include(name, layer)`` accepts) by
-    :class:`Fp8Linear`, one at a time, so the extra memory is one layer's float32 copy. Returns their names."""
+    """Replace the plain linear layers under ``module`` (``nn.Linear`` or ``OneDNNLinear``; those
+    ``include(name, layer)`` accepts) by :class:`Fp8Linear`, one at a time, so the extra memory is one layer's
+    float32 copy. Returns their names."""
     replaced = []
     for name, child in list(module.named_modules()):
         if not is_plain_linear(child) or (include is not None and not include(name, child)):

@@ -1,4 +1,4 @@
-"""Linear layers, with oneDNN's matrix product for float32 inference on the CPU.
+"""oneDNN's matrix product for float32 inference on the CPU, as a layer that a model opts into.
 
 PyTorch sends a float32 ``F.linear`` on the CPU to MKL's sgemm. oneDNN (bundled with every x86 PyTorch build)
 has its own JIT-compiled matrix product, which on the AMD EPYC (Zen 4) CPUs this project develops on takes
@@ -6,15 +6,16 @@ has its own JIT-compiled matrix product, which on the AMD EPYC (Zen 4) CPUs this
 products (``benchmarks/linear.py``; ``benchmarks/RESULTS.md``, "CPU linear kernels"). Below ``ONEDNN_MIN_MACS``
 multiply-adds its fixed cost per call outweighs the gain, so those products stay with ``F.linear``.
 
-The oneDNN path is taken only where it is a drop-in replacement: plain float32 tensors on the CPU (no subclass:
-DTensor, fake tensors, ``torch.fx`` proxies); no CPU autocast (which casts ``F.linear``'s inputs but does not know
-this op); no derivative needed (the op has none: no autograd graph, no forward-mode AD, no ``torch.func``
-transform); not while ``torch.compile``, ``torch.export`` or ``torch.jit.trace`` traces (Inductor picks its own
-kernels, and in torch 2.13 fails with an AssertionError on this op); and :func:`set_cpu_onednn_linear` has not
-turned it off. Results differ from ``F.linear`` by summation order only, about 1e-6 relative, inside the 1e-5
-parity bound of the tests.
-
-:class:`Linear` is ``nn.Linear`` with that dispatch: same parameters, keys and ``isinstance`` behaviour.
+The models are built from plain ``nn.Linear``. :func:`use_onednn_linear_` turns every plain ``nn.Linear`` of a
+model into a :class:`OneDNNLinear` in place (same object, same parameters: nothing is copied) and
+:func:`use_aten_linear_` turns them back; the choice lives in the model's own layers, not in a process-wide
+switch. A :class:`OneDNNLinear` takes the oneDNN path only where it is a drop-in replacement for ``F.linear``:
+plain float32 tensors on the CPU (no subclass: DTensor, fake tensors, ``torch.fx`` proxies); no CPU autocast
+(which casts ``F.linear``'s inputs but does not know this op); no derivative needed (the op has none: no autograd
+graph, no forward-mode AD, no ``torch.func`` transform); not while ``torch.compile``, ``torch.export`` or
+``torch.jit.trace`` traces (Inductor picks its own kernels, and in torch 2.13 fails with an AssertionError on this
+op); a product of at least ``ONEDNN_MIN_MACS`` multiply-adds. Everywhere else it runs ``F.linear``. Results
+differ from ``F.linear`` by summation order only, about 1e-6 relative, inside the 1e-5 parity bound of the tests.
 """
 
 from __future__ import annotations
@@ -31,27 +32,21 @@ ONEDNN_MIN_MACS = 1 << 23
 # Plain tensors only: subclasses (DTensor, FakeTensor, torch.fx proxies, ...) keep F.linear and its rules.
 _PLAIN = (torch.Tensor, nn.Parameter)
 
-_cpu_onednn = True
 
-
-def set_cpu_onednn_linear(enabled: bool) -> None:
-    """Process-wide: let float32 CPU inference use oneDNN's matrix product (default) or always ``F.linear``."""
-    global _cpu_onednn
-    _cpu_onednn = bool(enabled)
-
-
-def cpu_onednn_linear_enabled() -> bool:
-    return _cpu_onednn and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def onednn_linear_available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear op (every x86 build does; some ARM builds do not)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if type(x) not in _PLAIN or type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return False
+    # Tracing checks first, so that dynamo never meets mkldnn.is_available below.
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    if x.numel() * weight.shape[0] < ONEDNN_MIN_MACS or not cpu_onednn_linear_enabled():
+    if x.numel() * weight.shape[0] < ONEDNN_MIN_MACS or not onednn_linear_available():
         return False
     if torch.is_autocast_enabled("cpu"):  # autocast casts F.linear's inputs; it does not know this op
         return False
@@ -62,8 +57,9 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.autograd.forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., in] @ weight[out, in]^T + bias[out]`` -> ``[..., out]``, as ``F.linear``."""
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., in] @ weight[out, in]^T + bias[out]`` -> ``[..., out]``, as ``F.linear``, through oneDNN when
+    the conditions of the module docstring hold."""
     if _takes_onednn(x, weight, bias):
         # oneDNN reads the bias as dense: a strided or expanded one would give wrong sums without an error.
         bias = None if bias is None else bias.contiguous()
@@ -71,23 +67,52 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` whose forward is :func:`linear`."""
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`onednn_linear`: same parameters, keys and ``isinstance`` behaviour.
+    Made by :func:`use_onednn_linear_` from existing layers rather than built directly."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def _retype_(module: nn.Module, old: type[nn.Linear], new: type[nn.Linear]) -> int:
+    """Set the class of every submodule of class exactly ``old`` (``module`` included) to ``new``.
+
+    Changing ``__class__`` (as ``torch.nn.utils.parametrize`` does) keeps the very module object: its parameters,
+    hooks and identity stay, so offload hooks and anything else holding the layer keep working. Both classes
+    have the same state (OneDNNLinear only overrides ``forward``), which is what makes this safe."""
+    layers = [m for m in module.modules() if type(m) is old]
+    for layer in layers:
+        layer.__class__ = new
+    return len(layers)
+
+
+def use_onednn_linear_(module: nn.Module) -> int:
+    """In place: every plain ``nn.Linear`` in ``module`` (``module`` itself included) becomes a
+    :class:`OneDNNLinear`, keeping its Parameter objects (no copy). Subclasses of ``nn.Linear`` (fp8, LoRA and
+    other special layers) are left alone. Returns how many layers changed; a second call changes none."""
+    return _retype_(module, nn.Linear, OneDNNLinear)
+
+
+def use_aten_linear_(module: nn.Module) -> int:
+    """In place: undo :func:`use_onednn_linear_` (every :class:`OneDNNLinear` in ``module`` becomes a plain
+    ``nn.Linear`` again, running ``F.linear``). Returns how many layers changed."""
+    return _retype_(module, OneDNNLinear, nn.Linear)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and :class:`Linear` exactly (not fp8 layers, LoRA wrappers or other subclasses)."""
-    return type(module) in (nn.Linear, Linear)
+    """True for ``nn.Linear`` and :class:`OneDNNLinear` exactly (not fp8 layers, LoRA wrappers or other
+    subclasses): the layers whose weight is one full-precision matrix that fp8 storage, LoRA and q/k/v fusion can
+    take over."""
+    return type(module) in (nn.Linear, OneDNNLinear)
 
 
 __all__ = [
     "ONEDNN_MIN_MACS",
-    "Linear",
-    "cpu_onednn_linear_enabled",
+    "OneDNNLinear",
     "is_plain_linear",
-    "linear",
-    "set_cpu_onednn_linear",
+    "onednn_linear",
+    "onednn_linear_available",
+    "use_aten_linear_",
+    "use_onednn_linear_",
 ]

@@ -20,7 +20,6 @@ store the embedding as ``encoder.embed_tokens.weight`` (or both, tied) load too,
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -30,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configs import T5_UNUSED_CONFIG_KEYS, T5Config, config_from_dict
-from ..loading import build_on_meta, component_folder, load_weights
+from ..configs import T5_UNUSED_CONFIG_KEYS, T5Config, config_from_dict, read_json
+from ..loading import load_component
 from ..ops import attention, attention_sdpa, get_attention_backend
-from ..ops.linear import Linear
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +99,11 @@ class T5FeedForward(nn.Module):
         d, ff = config.d_model, config.d_ff
         self.gated = config.is_gated_act
         if self.gated:
-            self.wi_0 = Linear(d, ff, bias=False, device=device, dtype=dtype)
-            self.wi_1 = Linear(d, ff, bias=False, device=device, dtype=dtype)
+            self.wi_0 = nn.Linear(d, ff, bias=False, device=device, dtype=dtype)
+            self.wi_1 = nn.Linear(d, ff, bias=False, device=device, dtype=dtype)
         else:
-            self.wi = Linear(d, ff, bias=False, device=device, dtype=dtype)
-        self.wo = Linear(ff, d, bias=False, device=device, dtype=dtype)
+            self.wi = nn.Linear(d, ff, bias=False, device=device, dtype=dtype)
+        self.wo = nn.Linear(ff, d, bias=False, device=device, dtype=dtype)
         self.act = ACTIVATIONS[config.dense_act_fn]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +119,10 @@ class T5SelfAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = config.num_heads, config.d_kv
         inner = config.inner_dim
-        self.q = Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
-        self.k = Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
-        self.v = Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
-        self.o = Linear(inner, config.d_model, bias=False, device=device, dtype=dtype)
+        self.q = nn.Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
+        self.k = nn.Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
+        self.v = nn.Linear(config.d_model, inner, bias=False, device=device, dtype=dtype)
+        self.o = nn.Linear(inner, config.d_model, bias=False, device=device, dtype=dtype)
         if has_position_bias:
             self.relative_attention_bias = nn.Embedding(
                 config.relative_attention_num_buckets, config.num_heads, device=device, dtype=dtype
@@ -208,14 +206,7 @@ class T5Stack(nn.Module):
 def read_t5_config(folder: str | Path) -> T5Config:
     """``folder/config.json`` as a :class:`T5Config`; keys an encoder never uses are dropped quietly."""
     path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a T5 text_encoder folder has a config.json next to its weights")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config must be a JSON object, got {type(data).__name__}")
+    data = read_json(path, what="the config.json of a T5 text_encoder folder, next to its weights")
     unused = sorted(k for k in data if k in T5_UNUSED_CONFIG_KEYS)
     if unused:
         logger.debug("%s: keys %s do not affect the encoder", path, unused)
@@ -291,26 +282,17 @@ class T5Encoder(nn.Module):
         the file's dtype, on the CPU). In float16 the ``wo`` projections stay float32, as in the reference.
         ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``.
         """
-        folder = component_folder(path_or_hub_id, "text_encoder", **hub_kwargs)
-        config = read_t5_config(folder)
-        model = build_on_meta(lambda: cls(config))
-
-        def keep_float32(key: str) -> bool:
-            return dtype == torch.float16 and key.endswith(".DenseReluDense.wo.weight")
-
-        rename = _checkpoint_rename(_stored_keys(folder, allow_pickle))
-        model = load_weights(
-            model,
-            folder,
-            dtype=dtype,
-            device=device,
-            allow_pickle=allow_pickle,
-            rename=rename,
-            keep_float32=keep_float32,
-        )
-        if dtype is None and model.dtype == torch.float16:
-            model.keep_wo_in_float32()  # float16 files loaded as stored: same rule as an explicit float16
-        return model
+        return load_component(
+            cls, T5Config, path_or_hub_id, "text_encoder",
+            dtype=dtype, device=device, allow_pickle=allow_pickle,
+            config_reader=read_t5_config,
+            rename=lambda folder: _checkpoint_rename(_stored_keys(folder, allow_pickle)),
+            # float16 asked for: load wo from the files straight into float32 (exact, as the reference does) ...
+            keep_float32=lambda key, dtype: dtype == torch.float16 and key.endswith(".DenseReluDense.wo.weight"),
+            # ... and float16 files loaded as stored (dtype=None) follow the same rule after loading (also exact).
+            finish=lambda model: model.keep_wo_in_float32() if model.dtype == torch.float16 else model,
+            **hub_kwargs,
+        )  # fmt: skip
 
     def keep_wo_in_float32(self) -> T5Encoder:
         """Put the feed-forward output projections in float32 (the reference's rule for float16 weights)."""
@@ -318,6 +300,11 @@ class T5Encoder(nn.Module):
             ff = block.layer[1].DenseReluDense
             ff.wo.weight = nn.Parameter(ff.wo.weight.float(), requires_grad=ff.wo.weight.requires_grad)
         return self
+
+    def offload_blocks(self) -> nn.ModuleList:
+        """The encoder layers: what sequential offload streams one at a time (the embedding and the final norm
+        move with the module)."""
+        return self.encoder.block
 
     @property
     def dtype(self) -> torch.dtype:

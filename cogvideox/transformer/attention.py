@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..ops import attention
-from ..ops.linear import Linear, is_plain_linear
+from ..ops.fp8 import Fp8Linear
+from ..ops.linear import is_plain_linear
 from ..rope import rotate_pairs
 
 _QKV = ("to_q", "to_k", "to_v")
@@ -40,13 +41,13 @@ class JointAttention(nn.Module):
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
         factory = {"device": device, "dtype": dtype}
-        self.to_q: nn.Module | None = Linear(dim, inner, bias=qkv_bias, **factory)
-        self.to_k: nn.Module | None = Linear(dim, inner, bias=qkv_bias, **factory)
-        self.to_v: nn.Module | None = Linear(dim, inner, bias=qkv_bias, **factory)
+        self.to_q: nn.Module | None = nn.Linear(dim, inner, bias=qkv_bias, **factory)
+        self.to_k: nn.Module | None = nn.Linear(dim, inner, bias=qkv_bias, **factory)
+        self.to_v: nn.Module | None = nn.Linear(dim, inner, bias=qkv_bias, **factory)
         self.norm_q = nn.LayerNorm(head_dim, eps=1e-6, **factory)
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6, **factory)
         # A ModuleList so that the published key is ``to_out.0`` (the reference keeps a dropout at index 1).
-        self.to_out = nn.ModuleList([Linear(inner, dim, bias=True, **factory)])
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=True, **factory)])
         self.to_qkv: nn.Module | None = None
         # Ulysses hooks (cogvideox.distributed.UlyssesParallel) when sequence parallel is on: a plain object, not a
         # submodule, so it never shows in state_dict() or module walks.
@@ -60,12 +61,9 @@ class JointAttention(nn.Module):
 
     # ------------------------------------------------------------------ fused projection
 
-    @torch.no_grad()
-    def fuse_qkv(self) -> None:
-        """Replace ``to_q``, ``to_k``, ``to_v`` by one ``to_qkv`` holding their weights stacked (q, k, v rows).
-
-        Works layer by layer: the extra memory is one projection's weights, freed when the three go.
-        """
+    def check_fuse_qkv(self) -> None:
+        """Raise TypeError when :meth:`fuse_qkv` cannot stack the projections (one of them is not a plain linear
+        layer: a LoRA wrapper or an fp8 layer). Changes nothing."""
         if self.is_fused:
             return
         parts = [getattr(self, name) for name in _QKV]
@@ -75,8 +73,34 @@ class JointAttention(nn.Module):
                 f"fuse_qkv_projections() needs plain nn.Linear q/k/v projections, found {kinds}: fuse q/k/v "
                 "first, then load LoRA adapters or enable fp8 weight storage (or unload_lora() before fusing)"
             )
+
+    def check_unfuse_qkv(self) -> None:
+        """Raise TypeError when :meth:`unfuse_qkv` cannot split ``to_qkv`` (a LoRA wrapper: its adapter is one
+        block-diagonal product over q, k and v, with no per-projection layer to give back). Changes nothing."""
+        if self.is_fused and not (is_plain_linear(self.to_qkv) or type(self.to_qkv) is Fp8Linear):
+            raise TypeError(
+                f"unfuse_qkv_projections() cannot split to_qkv, a {type(self.to_qkv).__name__}: LoRA adapters "
+                "loaded on fused q/k/v stay fused. Call unload_lora() first (after unfuse_lora() if the LoRA is "
+                "fused and should not stay baked in), or unfuse q/k/v before load_lora()"
+            )
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Replace ``to_q``, ``to_k``, ``to_v`` by one ``to_qkv`` holding their weights stacked (q, k, v rows),
+        of the same class as the three (so a model on the oneDNN linear layer stays on it).
+
+        Works layer by layer: the extra memory is one projection's weights, freed when the three go.
+        """
+        if self.is_fused:
+            return
+        self.check_fuse_qkv()
+        parts = [getattr(self, name) for name in _QKV]
+        kinds = {type(p) for p in parts}
+        # Plain nn.Linear and OneDNNLinear compute the same values; a mix (some layers swapped by hand) falls
+        # back to plain nn.Linear.
+        cls = kinds.pop() if len(kinds) == 1 else nn.Linear
         first = parts[0]
-        fused = Linear(first.in_features, 3 * first.out_features, bias=first.bias is not None, device="meta")
+        fused = cls(first.in_features, 3 * first.out_features, bias=first.bias is not None, device="meta")
         fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), first.weight.requires_grad)
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), first.bias.requires_grad)
@@ -85,9 +109,10 @@ class JointAttention(nn.Module):
 
     @torch.no_grad()
     def unfuse_qkv(self) -> None:
-        """Undo :meth:`fuse_qkv`: three projections again, each a copy of its rows of the fused one."""
+        """Undo :meth:`fuse_qkv`: three projections of ``to_qkv``'s class again, each a copy of its rows."""
         if not self.is_fused:
             return
+        self.check_unfuse_qkv()
         fused, self.to_qkv = self.to_qkv, None
         for index, name in enumerate(_QKV):
             setattr(self, name, _rows_of(fused, index, 3))

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import TransformerConfig
-from ..ops.linear import Linear
 from .attention import JointAttention
 
 
@@ -37,7 +36,7 @@ class ExpertAdaLayerNorm(nn.Module):
         self, cond_dim: int, dim: int, *, elementwise_affine: bool, eps: float, device=None, dtype=None
     ) -> None:
         super().__init__()
-        self.linear = Linear(cond_dim, 6 * dim, device=device, dtype=dtype)
+        self.linear = nn.Linear(cond_dim, 6 * dim, device=device, dtype=dtype)
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
 
     def forward(
@@ -64,9 +63,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, device=None, dtype=None) -> None:
         super().__init__()
         first = nn.Module()
-        first.proj = Linear(dim, hidden, device=device, dtype=dtype)
+        first.proj = nn.Linear(dim, hidden, device=device, dtype=dtype)
         # Index 1 (dropout in the reference) holds no weights; an Identity keeps the published numbering.
-        self.net = nn.ModuleList([first, nn.Identity(), Linear(hidden, dim, device=device, dtype=dtype)])
+        self.net = nn.ModuleList([first, nn.Identity(), nn.Linear(hidden, dim, device=device, dtype=dtype)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))

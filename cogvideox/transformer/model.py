@@ -25,10 +25,12 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..configs import TransformerConfig, read_config
-from ..loading import build_on_meta, component_folder, load_weights
+from ..configs import TransformerConfig
+from ..loading import load_component
+from ..lora.layers import LoraLinear
+from ..offload import require_not_streamed
 from ..ops.fp8 import linears_to_fp8_
-from ..ops.linear import Linear
+from ..ops.linear import is_plain_linear
 from ..rope import fold_sign, rotary_tables, sincos_3d, timestep_sinusoids
 from .block import TransformerBlock
 from .patch import PatchEmbed
@@ -41,8 +43,8 @@ class TimestepMLP(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, device=None, dtype=None) -> None:
         super().__init__()
-        self.linear_1 = Linear(in_dim, out_dim, device=device, dtype=dtype)
-        self.linear_2 = Linear(out_dim, out_dim, device=device, dtype=dtype)
+        self.linear_1 = nn.Linear(in_dim, out_dim, device=device, dtype=dtype)
+        self.linear_2 = nn.Linear(out_dim, out_dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -53,7 +55,7 @@ class OutputNorm(nn.Module):
 
     def __init__(self, cond_dim: int, dim: int, *, elementwise_affine: bool, eps: float, device=None, dtype=None):
         super().__init__()
-        self.linear = Linear(cond_dim, 2 * dim, device=device, dtype=dtype)
+        self.linear = nn.Linear(cond_dim, 2 * dim, device=device, dtype=dtype)
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,7 @@ class Transformer(nn.Module):
             **factory,
         )
         patch_volume = config.patch_size * config.patch_size * (config.patch_size_t or 1)
-        self.proj_out = Linear(dim, patch_volume * config.output_channels, **factory)
+        self.proj_out = nn.Linear(dim, patch_volume * config.output_channels, **factory)
         self.gradient_checkpointing = False
         # Ulysses hooks (cogvideox.distributed.enable_sequence_parallel): shard the video tokens before the blocks,
         # gather the projected output after. A plain object, not a submodule.
@@ -109,10 +111,10 @@ class Transformer(nn.Module):
         Weights go straight into ``dtype`` on ``device`` (default: the file's dtype, on the CPU).
         ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``.
         """
-        folder = component_folder(path_or_hub_id, "transformer", **hub_kwargs)
-        config = read_config(folder, TransformerConfig)
-        model = build_on_meta(lambda: cls(config))
-        return load_weights(model, folder, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        return load_component(
+            cls, TransformerConfig, path_or_hub_id, "transformer",
+            dtype=dtype, device=device, allow_pickle=allow_pickle, **hub_kwargs,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ speed and memory switches
 
@@ -122,14 +124,29 @@ class Transformer(nn.Module):
         Call it after loading (loading goes shard by shard, and one block's q/k/v may sit in different shards).
         It works one block at a time, so it never holds a second copy of the model. Results are bitwise those
         of the unfused model in float32 on the CPU; ``state_dict()`` still gives the published ``to_q/k/v`` keys.
+
+        Order: fuse before ``load_lora()``, ``enable_fp8_weight_storage()`` and sequential CPU offload. After the
+        first two it raises TypeError, after the third RuntimeError; every block is checked before any is fused,
+        so a refused call changes nothing.
         """
-        for block in self.transformer_blocks:
-            block.attn1.fuse_qkv()
+        pending = [block.attn1 for block in self.transformer_blocks if not block.attn1.is_fused]
+        for attn in pending:
+            attn.check_fuse_qkv()
+        if pending:
+            require_not_streamed(self, "fuse_qkv_projections()")
+        for attn in pending:
+            attn.fuse_qkv()
 
     def unfuse_qkv_projections(self) -> None:
-        """Undo :meth:`fuse_qkv_projections`."""
-        for block in self.transformer_blocks:
-            block.attn1.unfuse_qkv()
+        """Undo :meth:`fuse_qkv_projections`. Raises, changing nothing, while a LoRA wraps a fused ``to_qkv``
+        (TypeError: ``unload_lora()`` first) or sequential CPU offload streams the blocks (RuntimeError)."""
+        pending = [block.attn1 for block in self.transformer_blocks if block.attn1.is_fused]
+        for attn in pending:
+            attn.check_unfuse_qkv()
+        if pending:
+            require_not_streamed(self, "unfuse_qkv_projections()")
+        for attn in pending:
+            attn.unfuse_qkv()
 
     def enable_fp8_weight_storage(self, *, modulation: bool = True) -> list[str]:
         """Keep the blocks' linear weights in float8_e4m3fn with a per-row power-of-two scale, cast to the
@@ -140,7 +157,22 @@ class Transformer(nn.Module):
         compute dtype: norms, patch, text, time and position embeddings, the final norm and ``proj_out``.
         Weight memory falls from 2 bytes to about 1 per quantized weight. ``state_dict()`` then holds fp8
         ``weight`` and int8 ``weight_exponent`` keys, not the published bf16 weights. Returns the layer names.
+
+        Order: after ``fuse_qkv_projections()``; before or after loading LoRA adapters, but not while one is fused
+        (``unfuse_lora()`` could not restore fp8 weights) and not while sequential CPU offload streams the blocks.
+        Both raise RuntimeError and change nothing.
         """
+        blocks = self.transformer_blocks
+        fused = [name for name, m in blocks.named_modules() if isinstance(m, LoraLinear) and m.is_fused]
+        if fused:
+            raise RuntimeError(
+                f"enable_fp8_weight_storage() while a LoRA is fused into the weights of {len(fused)} layers (e.g. "
+                f"transformer_blocks.{fused[0]}): unfuse_lora() restores the saved full-precision weights, which it "
+                "cannot write into fp8 layers. Call unfuse_lora() first (unfused adapters run on top of fp8 layers), "
+                "or unload_lora() to bake the fused LoRA in for good, then enable fp8 weight storage"
+            )
+        if any(is_plain_linear(m) for m in blocks.modules()):
+            require_not_streamed(self, "enable_fp8_weight_storage()")
 
         def include(name: str, layer: nn.Linear) -> bool:
             return modulation or not name.endswith(("norm1.linear", "norm2.linear"))
@@ -150,6 +182,20 @@ class Transformer(nn.Module):
             for index, block in enumerate(self.transformer_blocks)
             for name in linears_to_fp8_(block, include)
         ]
+
+    # ------------------------------------------------------------------ slots for offload and parallelism
+
+    def offload_blocks(self) -> nn.ModuleList:
+        """The repeated transformer blocks: what sequential offload streams one at a time (the rest of the model,
+        about 1 % of the 5B's weights, moves as a whole)."""
+        return self.transformer_blocks
+
+    def set_sequence_parallel(self, hooks: object | None) -> None:
+        """Install Ulysses hooks (:mod:`cogvideox.distributed`), or remove them with None: the model shards its
+        video tokens before the blocks and gathers after, and every attention layer exchanges heads through them."""
+        self.sequence_parallel = hooks
+        for block in self.transformer_blocks:
+            block.attn1.sequence_parallel = hooks
 
     @property
     def dtype(self) -> torch.dtype:
