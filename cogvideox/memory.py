@@ -33,7 +33,7 @@ VAE_DECODE_FACTOR = 9.9
 VAE_DECODE_MARGIN = 1.25
 OFFLOAD_MODES = (None, "text", "model", "sequential")
 # Default decode budget under sequential offload: the 5B/1.5 decode in 240x360 tiles needs ~2.4 GiB (bf16), so the
-# whole generation stays under the 6 GB goal of issue 7; the untiled 49x480x720 decode would need ~9.3 GiB.
+# whole generation stays under 6 GB (a 5B on an 8 GB GPU); the untiled 49x480x720 decode would need ~9.3 GiB.
 SEQUENTIAL_VAE_BUDGET = 4 * 2**30
 
 
@@ -41,12 +41,12 @@ def vae_decode_bytes(vae: Any, latent_shape: tuple[int, ...], *, tile: tuple[int
     """Estimated peak bytes of ``vae.decode`` on latents of ``latent_shape`` ``[B, C, F', h, w]``, untiled, or
     with tiles of ``tile`` = (height, width) pixels (each tile decodes like a small untiled video)."""
     batch, _, frames, h, w = latent_shape
-    ratio = vae.config.spatial_compression_ratio
+    ratio = vae.spatial_compression
     height, width = h * ratio, w * ratio
     element = torch.empty((), dtype=vae.dtype).element_size()
     batch_at_once = 1 if vae.use_slicing else batch
     work_h, work_w = (height, width) if tile is None else (min(height, tile[0]), min(width, tile[1]))
-    c0 = vae.config.block_out_channels[0]
+    c0 = vae.decode_memory_channels
     work = VAE_DECODE_FACTOR * VAE_DECODE_MARGIN * c0 * 9 * work_h * work_w * element * batch_at_once
     output = 3 * (4 * frames) * height * width * element * batch
     return int(work + output)
@@ -96,12 +96,12 @@ class MemoryPlan:
         offload = ComponentOffload(device, events=self.events)
         text_blocks = transformer_blocks = None
         if mode == "sequential":
-            text_blocks = BlockStreamer(pipe.text_encoder.encoder.block, device, events=self.events)
-            transformer_blocks = BlockStreamer(pipe.transformer.transformer_blocks, device, events=self.events)
+            text_blocks = BlockStreamer(pipe.text_encoder.offload_blocks(), device, events=self.events)
+            transformer_blocks = BlockStreamer(pipe.transformer.offload_blocks(), device, events=self.events)
         offload.add("text_encoder", pipe.text_encoder, [pipe.text_encoder], leave_after=True, streamer=text_blocks)
         if mode != "text":  # "text": the transformer and the VAE stay where they are
             offload.add("transformer", pipe.transformer, [pipe.transformer], streamer=transformer_blocks)
-            offload.add("vae", pipe.vae, [pipe.vae.encoder, pipe.vae.decoder])
+            offload.add("vae", pipe.vae, list(pipe.vae.offload_modules()))
         self._offload, self.mode, self.device = offload, mode, device
         logger.info("%s CPU offload on %s", mode, device)
 

@@ -15,6 +15,8 @@ stream when the caller passed no generator (the DPM sampler draws noise at every
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -31,6 +33,16 @@ class GuidanceSplit:
     def local_half(self, pair: torch.Tensor) -> torch.Tensor:
         """``[2B, ...]`` (unconditional rows first, as the pipeline batches them) -> this rank's ``[B, ...]``."""
         return pair.chunk(2)[self.branch]
+
+    def wrap(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``model(latents, text_embeds, timestep)`` over the guidance batch ``[2B, ...]`` run as this rank's half:
+        the wrapped callable takes and returns ``[2B, ...]`` like ``model``, so the denoising loop is unchanged."""
+
+        def one_branch(latents: torch.Tensor, text_embeds: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            half = self.local_half
+            return self.combine(model(half(latents), half(text_embeds), half(timestep)))
+
+        return one_branch
 
     def combine(self, prediction: torch.Tensor) -> torch.Tensor:
         """This rank's ``[B, ...]`` prediction -> ``[2B, ...]`` (unconditional first), identical on every rank."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -92,6 +92,13 @@ class ParallelInference:
             )
             return None
         return self.guidance
+
+    def wrap_model(self, model: Callable[..., torch.Tensor], guided: bool) -> Callable[..., torch.Tensor]:
+        """The denoising loop's model callable for this rank: under guidance parallel, each rank computes its
+        guidance half and the predictions are gathered every step (:meth:`GuidanceSplit.wrap`); otherwise
+        ``model`` itself (Ulysses runs inside the transformer, through its hooks)."""
+        split = self.guidance_split(guided)
+        return model if split is None else split.wrap(model)
 
     def same_on_every_rank(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
         """Rank 0's copies (the initial latents, image latents, text embeddings)."""

@@ -184,14 +184,10 @@ def enable_sequence_parallel(transformer: torch.nn.Module, group: dist.ProcessGr
     if group is None or dist.get_world_size(group) == 1:
         return None
     hooks = UlyssesParallel(group, transformer.config.num_attention_heads)
-    transformer.sequence_parallel = hooks
-    for block in transformer.transformer_blocks:
-        block.attn1.sequence_parallel = hooks
+    transformer.set_sequence_parallel(hooks)
     return hooks
 
 
 def disable_sequence_parallel(transformer: torch.nn.Module) -> None:
     """Back to single-process forward passes."""
-    transformer.sequence_parallel = None
-    for block in transformer.transformer_blocks:
-        block.attn1.sequence_parallel = None
+    transformer.set_sequence_parallel(None)

@@ -37,8 +37,7 @@ def decode_parallel(
     Follows the VAE's settings: tiling (``vae.enable_tiling``) decides the tiles, slicing decodes the batch one
     video at a time, exactly as :meth:`VAE.decode` would on one process.
     """
-    vae._check_latents(z)
-    z = vae._prepare(z, "latents")
+    z = vae.prepare_latents(z)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if not vae.decodes_in_tiles(*z.shape[-2:]) or world == 1:
         return vae.decode(z) if rank == dst else None
@@ -51,11 +50,11 @@ def _decode_tiled(
     vae: torch.nn.Module, z: torch.Tensor, group: dist.ProcessGroup | None, rank: int, world: int, dst: int
 ) -> torch.Tensor | None:
     rows, cols = vae.decode_tile_grids()
-    ratio = vae.config.spatial_compression_ratio
+    ratio = vae.spatial_compression
     height, width = z.shape[-2:]
     origins = [(i, j) for i in rows.starts(height) for j in cols.starts(width)]  # run_tiled's visiting order
     mine = {
-        index: vae._decode_frames(z[:, :, :, i : i + rows.tile, j : j + cols.tile])
+        index: vae.decode_tile(z[:, :, :, i : i + rows.tile, j : j + cols.tile])
         for index, (i, j) in enumerate(origins)
         if index % world == rank
     }

@@ -27,7 +27,7 @@ docs/samplers.md for the formulas and the reference quirks kept for parity.
 from .base import Sampler, SamplerState, StepResult
 from .ddim import DDIMSampler
 from .dpm import DPMSampler
-from .factory import SAMPLERS, load_scheduler_config, make_sampler
+from .factory import SAMPLERS, choose_sampler, load_scheduler_config, make_sampler
 from .guidance import classifier_free_guidance, dynamic_guidance_scale
 from .noise import randn
 from .schedule import (
@@ -46,6 +46,7 @@ __all__ = [
     "SamplerState",
     "StepResult",
     "alphas_cumprod_for",
+    "choose_sampler",
     "classifier_free_guidance",
     "dynamic_guidance_scale",
     "load_scheduler_config",

@@ -9,13 +9,12 @@ the same schedule, and keyword overrides change single keys, e.g. the official d
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..configs import SchedulerConfig, config_from_dict
+from ..configs import SchedulerConfig, config_from_dict, read_json
 from .base import Sampler
 from .ddim import DDIMSampler
 from .dpm import DPMSampler
@@ -48,12 +47,7 @@ def _find_config_file(path_or_hub_id: str | Path) -> Path:
 def load_scheduler_config(path_or_hub_id: str | Path) -> tuple[SchedulerConfig, str | None]:
     """Read a ``scheduler_config.json``; returns the config and the ``_class_name`` it carries (or ``None``)."""
     path = _find_config_file(path_or_hub_id)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the scheduler folder of a pipeline has a {CONFIG_FILENAME}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    data = read_json(path, what=f"the scheduler config of a pipeline (scheduler/{CONFIG_FILENAME} in its folder)")
     return _config_from_mapping(data, str(path))
 
 
@@ -114,3 +108,26 @@ def make_sampler(
     sampler = SAMPLERS[kind](config)
     logger.debug("built %r", sampler)
     return sampler
+
+
+def choose_sampler(choice: Any, schedule: SchedulerConfig | str | Path | None = None, **overrides: Any) -> Any:
+    """The sampler a pipeline asked for: ``choice`` a name (``"ddim"`` / ``"dpm"``) or None builds one on
+    ``schedule`` (a checkpoint folder, a ``scheduler_config.json`` or a :class:`SchedulerConfig`, as
+    :func:`make_sampler` takes it) with ``overrides``; any other object is a sampler brought by the caller, checked
+    against :class:`cogvideox.protocols.Sampler` and returned as it is."""
+    from ..protocols import check_sampler  # the protocol module holds no model code
+
+    if choice is None or isinstance(choice, str):
+        if schedule is None:
+            raise ValueError(
+                f"sampler {choice!r} is built on a checkpoint's schedule, and there is none here (the current "
+                "sampler has no scheduler config): pass make_sampler(checkpoint_folder, kind=...) instead"
+            )
+        return make_sampler(schedule, kind=choice, **overrides)
+    check_sampler(choice)
+    if overrides:
+        raise ValueError(
+            f"sampler overrides {sorted(overrides)} apply to a sampler built from the checkpoint; with a sampler "
+            f"object ({type(choice).__name__}) configure it before passing it"
+        )
+    return choice

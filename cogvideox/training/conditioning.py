@@ -1,15 +1,16 @@
 """Model inputs for training: video and image latents, the 1.5 first-frame padding, ``ofs``, caption dropout.
 
-Every function here turns data into what :class:`~cogvideox.Transformer` takes during training, the way the
-official recipes do it (sources named in each docstring):
+Every function here turns data into what :class:`~cogvideox.Transformer` takes during training. Scaling, layout,
+the 1.5 padding and ``ofs`` come from the latent contract the pipeline samples with
+(:class:`cogvideox.latents.LatentCodec`), so that what the model is trained on is what it is sampled with:
 
-- video latents: ``VAE.encode(video).sample() * scaling_factor`` (CogVideo ``finetune/``, SAT
-  ``encode_first_stage``), ``[B, F', C, h, w]``;
+- video latents: ``VAE.encode(video).sample() * scaling_factor``, ``[B, F', C, h, w]`` (CogVideo ``finetune/``,
+  SAT ``encode_first_stage``);
 - image-to-video conditioning: the first frame, noised in pixel space with sigma = exp(N(-3, 0.5)), encoded,
   scaled, padded with zero frames to the latent frame count; joined to the noisy latents on channels by the
   trainer (CogVideo ``finetune/models/cogvideox_i2v/lora_trainer.py``, SAT ``add_noise_to_first_frame``);
 - CogVideoX 1.5: the latent frame count padded to a multiple of ``patch_size_t`` by repeating the first latent
-  frame in front, and ``ofs = 2.0`` for the image-to-video model (same trainer; features.md §1.6, §4.9);
+  frame in front, and ``ofs = 2.0`` for the image-to-video model;
 - caption dropout for classifier-free guidance (SAT ``ucg_rate`` 0.1 zeroes the T5 output of a sample).
 """
 
@@ -18,25 +19,22 @@ from __future__ import annotations
 import torch
 
 from ..configs import TransformerConfig
+from ..latents import OFS, LatentCodec, pad_to_temporal_patch
 from ..vae import VAE
 
 # SAT diffusion_video.py ``add_noise_to_first_frame`` and CogVideo finetune: log sigma ~ N(-3, 0.5), so sigma is
-# about 0.05 (pixels in [-1, 1]); inference adds no noise (features.md §4.8).
+# about 0.05 (pixels in [-1, 1]); inference adds no noise (the official I2V pipelines encode the clean image).
 IMAGE_NOISE_LOG_MEAN = -3.0
 IMAGE_NOISE_LOG_STD = 0.5
-# The ofs value every CogVideoX 1.5 image-to-video pipeline passes (SAT sample_video.py, diffusers, finetune).
-OFS = 2.0
-
-
-def _sample_latents(vae: VAE, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``[B, 3, F, H, W]`` in [-1, 1] -> unscaled latents ``[B, F', C, h, w]`` (a posterior sample)."""
-    posterior = vae.encode(pixels.to(vae.device, vae.dtype))
-    return posterior.sample(generator=generator).permute(0, 2, 1, 3, 4)
 
 
 @torch.no_grad()
 def encode_video(vae: VAE, video: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training latents of a video batch: a posterior sample times ``scaling_factor``.
+    """Training latents of a video batch: a posterior sample times ``scaling_factor`` (unpadded: 1.5 clips are
+    padded by :func:`pad_to_temporal_patch` or packed by :mod:`~cogvideox.training.framepack`).
+
+    The same numbers as the pipeline's video-to-video encoding of the same clip with the same generator
+    (:meth:`LatentCodec.encode_video`).
 
     Args:
         video: ``[B, 3, F, H, W]`` in [-1, 1], ``F = 4k + 1`` (an image is ``F = 1``).
@@ -44,9 +42,7 @@ def encode_video(vae: VAE, video: torch.Tensor, *, generator: torch.Generator | 
     Returns:
         ``[B, (F - 1) / 4 + 1, C, H / 8, W / 8]`` in the VAE's dtype.
     """
-    if video.ndim != 5 or video.shape[1] != 3:
-        raise ValueError(f"video must be [B, 3, F, H, W] in [-1, 1], got shape {tuple(video.shape)}")
-    return _sample_latents(vae, video, generator) * vae.scaling_factor
+    return LatentCodec(vae).encode_video(video, generator, pad=False)
 
 
 def noise_image(
@@ -60,7 +56,7 @@ def noise_image(
 
     One sigma per image, as SAT draws it (``size=(B,)``); CogVideo's ``finetune/`` draws one sigma for the whole
     batch, which is the same in distribution for batch 1. The model learns not to trust the conditioning pixels
-    exactly, which makes it robust to a clean image at inference (features.md §1.6, §4.8).
+    exactly, which makes it robust to the clean image it gets at inference.
 
     Args:
         images: ``[B, 3, H, W]`` or ``[B, 3, 1, H, W]`` in [-1, 1].
@@ -88,10 +84,10 @@ def image_latents(
 ) -> torch.Tensor:
     """The image-to-video conditioning latents: the (noised) first frame encoded, then zero frames.
 
-    Scaling follows our inference pipeline (``Pipeline._image_latents``) so that what the model sees in training
+    Scaling is the pipeline's (:meth:`LatentCodec.scale_image_latents`) so that what the model sees in training
     is what it sees when generating: ``* scaling_factor``, or ``/ scaling_factor`` where the VAE config sets
     ``invert_scale_latents`` (CogVideoX 1.5). CogVideo's ``finetune/`` 1.5 trainer multiplies instead; that
-    mismatches its own inference (features.md §4.7, finetrainers #110), so we do not copy it.
+    mismatches its own inference (https://github.com/a-r-r-o-w/finetrainers/issues/110), so we do not copy it.
 
     Args:
         images: ``[B, 3, H, W]`` in [-1, 1] (the clip's first frame).
@@ -113,11 +109,8 @@ def image_latents(
     pixels = images[:, :, None]
     if noise:
         pixels = noise_image(pixels, generator=generator)
-    latents = _sample_latents(vae, pixels, generator)
-    factor = vae.scaling_factor
-    latents = latents / factor if vae.invert_scale_latents else latents * factor
-    padding = latents.new_zeros(latents.shape[0], num_latent_frames - 1, *latents.shape[2:])
-    latents = torch.cat([latents, padding], dim=1)
+    codec = LatentCodec(vae)
+    latents = codec.image_condition(codec.encode_image(pixels, generator), num_latent_frames)
     return drop_image_latents(latents, dropout, generator=generator)
 
 
@@ -142,39 +135,12 @@ def drop_image_latents(
     return latents * keep.to(latents.device, latents.dtype).reshape(-1, *([1] * (latents.ndim - 1)))
 
 
-def pad_to_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
-    """Repeat the first latent frame in front until the frame count is a multiple of ``patch_size_t``.
-
-    CogVideoX 1.5 patches two latent frames into one token; 81 frames give 21 latents, padded to 22. The
-    reference trainer and pipelines repeat the first frame in front (finetune ``compute_loss``; diffusers
-    pipelines; features.md §4.2) and the pipeline drops it after decoding. With ``patch_size_t`` None or 1 the
-    input is returned unchanged.
-
-    Args:
-        latents: ``[B, F, C, h, w]`` (or one clip ``[F, C, h, w]``).
-    Returns:
-        ``[B, F + pad, C, h, w]`` with ``pad = (-F) mod patch_size_t``.
-    """
-    pt = patch_size_t or 1
-    frame_dim = latents.ndim - 4
-    if frame_dim not in (0, 1):
-        raise ValueError(f"latents must be [B, F, C, H, W] or [F, C, H, W], got shape {tuple(latents.shape)}")
-    pad = -latents.shape[frame_dim] % pt
-    if pad == 0:
-        return latents
-    first = latents.narrow(frame_dim, 0, 1)
-    repeats = [1] * latents.ndim
-    repeats[frame_dim] = pad
-    return torch.cat([first.repeat(*repeats), latents], dim=frame_dim)
-
-
 def ofs_for(config: TransformerConfig, batch: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
     """``ofs`` for a training batch: ``[batch]`` filled with 2.0 for models with an ofs embedding (1.5-I2V),
     None for the others (the transformer refuses an ofs it has no embedding for). Early trainers passed None
-    to the 1.5-I2V model and trained it off its inference condition (CogVideo #532)."""
-    if not config.ofs_embed_dim:
-        return None
-    return torch.full((batch,), OFS, device=device)
+    to the 1.5-I2V model and trained it off its inference condition (https://github.com/THUDM/CogVideo/issues/532).
+    """
+    return torch.full((batch,), OFS, device=device) if config.ofs_embed_dim else None
 
 
 def drop_captions(

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .conditioning import pad_to_temporal_patch
+from ..latents import pad_to_temporal_patch
 
 
 @dataclasses.dataclass

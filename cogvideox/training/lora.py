@@ -4,9 +4,9 @@ A LoRA adapter adds a low-rank update to a frozen linear layer (Hu et al. 2021):
 
     y = W x + b + (alpha / r) * B (A x),     A [r, in], B [out, r]
 
-Initialisation is peft's (``init_lora_weights=True``): ``A`` Kaiming-uniform with ``a = sqrt(5)`` (uniform in
-``+-1 / sqrt(in)``), ``B`` zero, so the model starts exactly as the base model. The official fine-tuning
-(CogVideo ``finetune/``, features.md §1.6) adapts the attention projections ``to_q, to_k, to_v, to_out.0`` of
+Initialisation is peft's (``init_lora_weights=True``): ``A`` Kaiming-uniform with ``a = sqrt(5)`` (uniform in ``+-1
+/ sqrt(in)``), ``B`` zero, so the model starts exactly as the base model. The official fine-tuning (CogVideo
+``finetune/``, https://github.com/THUDM/CogVideo) adapts the attention projections ``to_q, to_k, to_v, to_out.0`` of
 every block with ``r = 128, alpha = 64`` and keeps ``A, B`` in float32 while the frozen model runs in bfloat16.
 
 The adapter plugs into :class:`cogvideox.lora.LoraLinear` (the layer that runs inference adapters), so a model

@@ -7,8 +7,9 @@
       -> loss = mean over clips of mean((x0_hat - x0)^2 / (1 - a_t))                   (the official x0 form)
       -> backward, clip the gradient norm to 1.0, AdamW, learning-rate schedule
 
-Defaults are CogVideo ``finetune/schemas/args.py`` (features.md §1.6): lr 2e-5, betas (0.9, 0.95), eps 1e-8,
-weight decay 1e-4, max grad norm 1.0, ``constant_with_warmup`` with 100 warmup steps, gradient checkpointing on.
+Defaults are CogVideo ``finetune/schemas/args.py`` (https://github.com/THUDM/CogVideo): lr 2e-5, betas (0.9, 0.95),
+eps 1e-8, weight decay 1e-4, max grad norm 1.0, ``constant_with_warmup`` with 100 warmup steps, gradient
+checkpointing on.
 
 When ``torch.distributed`` is initialised (``torchrun``), the model is wrapped in ``DistributedDataParallel``:
 each process runs its own batch and gradients are averaged, so N processes with batch b each step like one

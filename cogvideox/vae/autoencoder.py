@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..configs import VAEConfig, read_config
-from ..loading import build_on_meta, component_folder, load_weights
+from ..configs import VAEConfig
+from ..loading import load_component
 from .coders import Decoder3D, Encoder3D
 from .conv import ConvCache
 from .posterior import DiagonalGaussian
@@ -109,10 +109,9 @@ class VAE(nn.Module):
             allow_pickle: accept ``.bin``/``.pt`` weights, read with ``torch.load(weights_only=True)``.
             hub_kwargs: passed to the hub download (revision, cache_dir, local_files_only).
         """
-        folder = component_folder(path_or_hub_id, "vae", **hub_kwargs)
-        config = read_config(folder, VAEConfig)
-        model = build_on_meta(lambda: cls(config))
-        return load_weights(model, folder, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        return load_component(
+            cls, VAEConfig, path_or_hub_id, "vae", dtype=dtype, device=device, allow_pickle=allow_pickle, **hub_kwargs
+        )
 
     # ---------------------------------------------------------------------------------------------- settings
     @property
@@ -124,6 +123,25 @@ class VAE(nn.Module):
     def invert_scale_latents(self) -> bool:
         """1.5 checkpoints divide image latents by ``scaling_factor`` instead of multiplying (config)."""
         return self.config.invert_scale_latents
+
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent along height and width (config ``spatial_compression_ratio``; 8 when published)."""
+        return self.config.spatial_compression_ratio
+
+    @property
+    def temporal_compression(self) -> int:
+        """Video frames per latent frame after the first (config ``temporal_compression_ratio``; 4 when published)."""
+        return self.config.temporal_compression_ratio
+
+    @property
+    def decode_memory_channels(self) -> int:
+        """Channels of the decoder's full-resolution blocks (its last up block), which size its memory peak."""
+        return self.config.block_out_channels[0]
+
+    def offload_modules(self) -> tuple[nn.Module, nn.Module]:
+        """The submodules whose forward runs in :meth:`encode` and :meth:`decode`: offload hooks attach there."""
+        return self.encoder, self.decoder
 
     @property
     def dtype(self) -> torch.dtype:
@@ -222,6 +240,12 @@ class VAE(nn.Module):
                 f"{ratio_s}x); resize or crop the video"
             )
 
+    def prepare_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Check unscaled latents ``[B, C, F', h, w]`` for :meth:`decode` and cast them to the weights' dtype and
+        device (the parallel decode calls this once before it hands tiles to :meth:`decode_tile`)."""
+        self._check_latents(z)
+        return self._prepare(z, "latents")
+
     def _check_latents(self, z: torch.Tensor) -> None:
         cfg = self.config
         if z.ndim != 5 or z.shape[1] != cfg.latent_channels or 0 in z.shape:
@@ -270,8 +294,10 @@ class VAE(nn.Module):
         return DiagonalGaussian(moments)
 
     # ---------------------------------------------------------------------------------------------- decoding
-    def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
-        """[B, C, F', h, w] -> [B, 3, F, 8h, 8w], two latent frames at a time with the causal cache."""
+    def decode_tile(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode one latent tile (or a whole untiled input) ``[B, C, F', h, w]`` -> ``[B, 3, F, 8h, 8w]``, two latent
+        frames at a time with the causal cache. ``z`` must come from :meth:`prepare_latents`; the tiled and the
+        parallel decodes call this on each tile and blend the results."""
         cache: ConvCache | None = None
         frames = []
         for chunk in frame_chunks(z.shape[2], LATENT_FRAMES_PER_CHUNK):
@@ -305,8 +331,8 @@ class VAE(nn.Module):
         if self.decodes_in_tiles(*z.shape[-2:]):
             ratio = self.config.spatial_compression_ratio
             rows, cols = self.decode_tile_grids()
-            return run_tiled(z, self._decode_frames, rows, cols, out_of=lambda n: n * ratio)
-        return self._decode_frames(z)
+            return run_tiled(z, self.decode_tile, rows, cols, out_of=lambda n: n * ratio)
+        return self.decode_tile(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Decode unscaled latents ``z`` [B, C, F', H', W'] into video [B, 3, F, 8H', 8W'] (about [-1, 1]).
@@ -314,8 +340,7 @@ class VAE(nn.Module):
         F = 4(F' - 1) + 1 for the odd latent counts of 4k+1-frame videos (13 -> 49); an even count F' decodes to
         4F' frames, as in the reference.
         """
-        self._check_latents(z)
-        z = self._prepare(z, "latents")
+        z = self.prepare_latents(z)
         if self.use_slicing and z.shape[0] > 1:
             return torch.cat([self._decode_one(item) for item in z.split(1)])
         return self._decode_one(z)

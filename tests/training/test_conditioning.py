@@ -58,7 +58,14 @@ def test_image_latents_without_noise_are_the_inference_conditioning(pipe):
     from cogvideox.processing import image_to_tensor
 
     pixels = image_to_tensor(pil, 32, 48)
-    reference = pipe._image_latents([pil], 32, 48, 4, torch.Generator().manual_seed(7))
+    seen = []  # the pipeline's model input at its one step: [noise ; image condition] on channels
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        pipe("a red circle", image=pil, num_frames=9, height=32, width=48, num_inference_steps=1, guidance_scale=1.0,
+             max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(7))  # fmt: skip
+    finally:
+        hook.remove()
+    reference = seen[0][:, :, pipe.transformer.config.output_channels :]  # 9 frames: 3 latents, padded to 4
     ours = image_latents(pipe.vae, pixels[None], 4, generator=torch.Generator().manual_seed(7), noise=False)
     assert ours.shape == (1, 4, 4, 4, 6) and not ours[:, 1:].any()
     assert rel_err(ours, reference) < 1e-6

@@ -1,0 +1,182 @@
+"""The pipeline's opt-in switches (CPU offload, several processes, LoRA, the CPU linear kernel) and the rules of
+their order, as errors in code.
+
+:class:`PipelineSwitches` is the half of :class:`~cogvideox.Pipeline` that changes *how* components run, not what
+they compute; every switch here is exact (the frames do not change, except by a LoRA's own weights). Rules that
+hold between switches:
+
+- model or sequential offload and parallel inference exclude each other (the collectives expect every rank's
+  transformer and tensors on its own GPU; the two are untested together);
+- the transformer-level rules (fuse QKV, LoRA, fp8 storage, sequential offload streaming the blocks) are checked by
+  the switches themselves, in :mod:`cogvideox.lora`, :mod:`cogvideox.transformer` and :mod:`cogvideox.offload`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .distributed import ParallelConfig, ParallelInference
+from .memory import MemoryPlan
+
+# Offload modes that move the transformer off its device between uses: untested with parallel inference (the
+# collectives expect every rank's transformer and tensors on its own GPU), so the two are refused together. The
+# text encoder's offload ("text") keeps the transformer in place and is on by default for CUDA pipelines.
+_OFFLOAD_MODES_REFUSED_WITH_PARALLEL = ("model", "sequential")
+
+
+def _offload_with_parallel_message(mode: str) -> str:
+    return (
+        f"CPU offload {mode!r} (enable_{mode}_cpu_offload, --offload {mode}) and parallel inference "
+        "(enable_parallel / parallel=, --ulysses-degree / --cfg-parallel) cannot be combined: they are untested "
+        "together. Use one of them: parallel ranks each hold the whole model on their own GPU, or run one process "
+        "with offload (disable_cpu_offload() or disable_parallel() switches)"
+    )
+
+
+def fail_together_when_parallel(call: Callable) -> Callable:
+    """Under parallel inference, an error on any rank ends the call on every rank (cogvideox.distributed)."""
+
+    @functools.wraps(call)
+    def guarded(self: PipelineSwitches, *args: Any, **kwargs: Any) -> Any:
+        if self.parallel is None:
+            return call(self, *args, **kwargs)
+        with self.parallel.guard():
+            return call(self, *args, **kwargs)
+
+    return guarded
+
+
+class PipelineSwitches:
+    """Mixed into :class:`~cogvideox.Pipeline`; expects ``transformer``, ``memory`` and ``parallel`` attributes."""
+
+    transformer: Any
+    memory: MemoryPlan
+    parallel: ParallelInference | None
+
+    text_encoder: Any
+
+    # ------------------------------------------------------------------------------------------- CPU kernel
+
+    def set_cpu_linear(self, kind: str = "onednn") -> int:
+        """Which matrix product the transformer's and text encoder's linear layers use for float32 CPU inference:
+        ``"onednn"`` (what every pipeline starts with: oneDNN's product, 0.58-0.85x the time of MKL's sgemm on the
+        published models' projections, ~1e-6 relative difference) or ``"aten"`` (``F.linear`` everywhere). A module
+        swap (:func:`cogvideox.ops.use_onednn_linear_`): same layer objects, parameters and keys; GPUs, bf16,
+        training and ``torch.compile`` always take ``F.linear``. Returns how many layers changed."""
+        from .ops import use_aten_linear_, use_onednn_linear_
+
+        swaps = {"onednn": use_onednn_linear_, "aten": use_aten_linear_}
+        if kind not in swaps:
+            raise ValueError(f"set_cpu_linear({kind!r}): choose 'onednn' or 'aten'")
+        return swaps[kind](self.transformer) + swaps[kind](self.text_encoder)
+
+    # ---------------------------------------------------------------------------------------- memory plan
+
+    def enable_text_encoder_offload(self, device: torch.device | str = "cuda") -> None:
+        """Keep only the text encoder in (pinned) host memory: it visits ``device`` to encode and leaves right
+        after, so the 9 GB of T5-XXL are not resident during denoising and decoding. Costs one host-to-device copy
+        of the encoder per call (~0.4 s for T5-XXL on PCIe 4); on by default for pipelines loaded onto CUDA."""
+        self._enable_offload("text", device)
+
+    def enable_model_cpu_offload(self, device: torch.device | str = "cuda") -> None:
+        """Keep the components in host memory; each moves to ``device`` while it runs (the text encoder leaves
+        right after encoding, the transformer stays for the denoising loop, the VAE comes in to encode/decode).
+        Exact; costs one host-device copy of each component per call. See docs/performance.md."""
+        self._enable_offload("model", device)
+
+    def enable_sequential_cpu_offload(self, device: torch.device | str = "cuda") -> None:
+        """As :meth:`enable_model_cpu_offload`, and the transformer's and text encoder's blocks stream from pinned
+        host memory one at a time, the next block's copy overlapping the current block's compute. Exact; lowest
+        memory. See :mod:`cogvideox.offload`."""
+        self._enable_offload("sequential", device)
+
+    def _enable_offload(self, mode: str, device: torch.device | str) -> None:
+        if mode in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL and self.parallel is not None:
+            raise ValueError(_offload_with_parallel_message(mode))
+        self.memory.enable(self, mode, device)
+
+    def disable_cpu_offload(self) -> None:
+        """Remove the offload hooks; the components stay in host memory (move them with ``.to(device)``)."""
+        self.memory.disable()
+
+    def set_vae_memory_budget(self, budget_bytes: int | None = None, *, auto_tiling: bool = True) -> None:
+        """The memory the VAE decode may use before it switches to tiles (default None: the free device memory on
+        CUDA, no limit elsewhere); ``auto_tiling=False`` never tiles on its own (``vae.enable_tiling()`` still
+        does)."""
+        self.memory.vae_memory_budget = budget_bytes
+        self.memory.auto_vae_tiling = auto_tiling
+
+    # ------------------------------------------------------------------------------------------- multi-GPU
+
+    def enable_parallel(
+        self,
+        config: ParallelConfig | None = None,
+        *,
+        ulysses_degree: int = 1,
+        cfg_degree: int = 1,
+        group: torch.distributed.ProcessGroup | None = None,
+        timeout: datetime.timedelta | None = None,
+    ) -> ParallelInference:
+        """Split each call over the processes of ``group`` (default: the whole torch.distributed world), which
+        must all call this together and then make the same calls: Ulysses sequence parallel over
+        ``ulysses_degree`` ranks, guidance branches over ``cfg_degree`` (1 or 2) halves, tiles of the VAE decode
+        over every rank. Rank 0 gets the frames; the others get ``frames=None`` (latents everywhere for
+        ``output_type="latent"``) and show no progress. ``timeout`` bounds each collective of the new groups.
+        An error on one rank ends the call on all (docs/distributed.md). Callbacks must act alike on every rank
+        (an ``interrupt`` set on one rank only leaves the others waiting until the timeout).
+        """
+        if self.memory.mode in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL:
+            raise ValueError(_offload_with_parallel_message(self.memory.mode))
+        self.disable_parallel()
+        config = config or ParallelConfig(ulysses_degree=ulysses_degree, cfg_degree=cfg_degree)
+        self.parallel = ParallelInference(self.transformer, config, group, timeout=timeout)
+        return self.parallel
+
+    def disable_parallel(self) -> None:
+        """Back to single-process calls (the process groups stay; destroy them with torch.distributed)."""
+        if self.parallel is not None:
+            self.parallel.release()
+            self.parallel = None
+
+    # ------------------------------------------------------------------------------------------------ LoRA
+
+    def load_lora(
+        self, path_or_hub_id: str | Path, adapter_name: str | None = None, scale: float = 1.0, **kwargs: Any
+    ) -> str:
+        """Load a transformer LoRA (diffusers/peft or SAT layout) and activate it with weight ``scale``; returns
+        its name. ``kwargs``: ``allow_pickle``, ``revision``, ``cache_dir``. See :mod:`cogvideox.lora`."""
+        from . import lora
+
+        return lora.load_lora(self.transformer, path_or_hub_id, adapter_name, scale, **kwargs)
+
+    def set_adapters(
+        self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None
+    ) -> None:
+        """Make exactly these adapters active, with these weights (diffusers' ``set_adapters``)."""
+        from . import lora
+
+        lora.set_adapters(self.transformer, adapter_names, adapter_weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Add the active adapters into the transformer's weights (undo with :meth:`unfuse_lora`)."""
+        from . import lora
+
+        lora.fuse_lora(self.transformer, lora_scale)
+
+    def unfuse_lora(self) -> None:
+        """Restore the weights saved by :meth:`fuse_lora`, bit for bit."""
+        from . import lora
+
+        lora.unfuse_lora(self.transformer)
+
+    def unload_lora(self) -> None:
+        """Remove every adapter (fused ones stay in the weights: unfuse first to drop them)."""
+        from . import lora
+
+        lora.unload_lora(self.transformer)
