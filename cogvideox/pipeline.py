@@ -75,11 +75,19 @@ class Pipeline(PipelineSwitches):
         # An I2V transformer takes noise and image latents joined on the channel axis.
         inferred = config.in_channels == 2 * config.output_channels
         self.image_to_video = inferred if image_to_video is None else image_to_video
+        takes = 2 * config.output_channels if self.image_to_video else config.output_channels
+        if config.in_channels != takes:
+            raise ValueError(
+                f"the transformer takes {config.in_channels} input channels for {config.output_channels} output "
+                f"channels; {'an image-to-video' if self.image_to_video else 'a text-to-video'} pipeline gives it "
+                f"{takes} (noise{' + image latents' if self.image_to_video else ''}). Checkpoints with another "
+                "conditioning (CogVideoX-Fun control or inpainting) are not supported yet"
+            )
         self.progress_bar_config: dict[str, Any] = {}
         self._interrupt = False
         self.memory = MemoryPlan()
         self.parallel: ParallelInference | None = None  # see enable_parallel
-        self.set_cpu_linear("onednn")  # faster float32 CPU products; a no-op elsewhere (see set_cpu_linear)
+        self.set_cpu_linear("onednn")  # faster float32 CPU products; the same F.linear elsewhere (set_cpu_linear)
 
     # ------------------------------------------------------------------------------------------------ building
 
@@ -145,10 +153,10 @@ class Pipeline(PipelineSwitches):
             pipe.enable_parallel(parallel)
         return pipe
 
-    def set_sampler(self, sampler: str | Sampler, **overrides: Any) -> None:
+    def set_sampler(self, kind: str | Sampler, **overrides: Any) -> None:
         """Switch between ``"ddim"`` and ``"dpm"`` (keeping the schedule), e.g. the official demo's
         ``set_sampler("dpm", timestep_spacing="trailing")``; or use a sampler object of your own."""
-        self.sampler = choose_sampler(sampler, getattr(self.sampler, "config", None), **overrides)
+        self.sampler = choose_sampler(kind, getattr(self.sampler, "config", None), **overrides)
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """tqdm options for the denoising loop, e.g. ``disable=True``."""
@@ -313,8 +321,9 @@ class Pipeline(PipelineSwitches):
         """
         req = request.resolve(
             self.transformer.config, self.latent_codec, image_to_video=self.image_to_video, prompt=prompt,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, image=image, video=video,
-            strength=strength, height=height, width=width, num_frames=num_frames, guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            image=image, video=video, strength=strength, height=height, width=width, num_frames=num_frames,
+            guidance_scale=guidance_scale,
             num_videos_per_prompt=num_videos_per_prompt, latents=latents, output_type=output_type,
             callback_tensors=callback_on_step_end_tensor_inputs, max_sequence_length=max_sequence_length,
         )  # fmt: skip

@@ -228,6 +228,7 @@ def resolve(
     *,
     image_to_video: bool,
     prompt: Any,
+    negative_prompt: Any,
     prompt_embeds: torch.Tensor | None,
     negative_prompt_embeds: torch.Tensor | None,
     image: Any,
@@ -273,17 +274,17 @@ def resolve(
     if task == "i2v":
         images = [to_pil(i) for i in (image if isinstance(image, (list, tuple)) else [image])]
         image_size = images[0].size
+    if num_frames is None and task != "v2v":
+        num_frames = default_num_frames(config)
+    if num_frames is not None:  # before a video is read: a bad count costs nothing
+        num_frames = check_num_frames(num_frames, config, temporal=codec.temporal)
     if task == "v2v":
-        if num_frames is not None:
-            num_frames = check_num_frames(num_frames, config, temporal=codec.temporal)
         video_frames = video_frames_for_v2v(video, num_frames, temporal=codec.temporal)
-        num_frames = len(video_frames)
+        if num_frames is None:  # the video's longest tk+1 prefix: valid, perhaps not a trained count
+            num_frames = check_num_frames(len(video_frames), config, temporal=codec.temporal)
     default_h, default_w = default_size(config, image_size, spatial=codec.spatial)
     height, width = check_size(
         default_h if height is None else height, default_w if width is None else width, config, spatial=codec.spatial
-    )
-    num_frames = check_num_frames(
-        default_num_frames(config) if num_frames is None else num_frames, config, temporal=codec.temporal
     )
     max_sequence_length = check_text_length(
         config.max_text_seq_length if max_sequence_length is None else max_sequence_length, config
@@ -291,6 +292,20 @@ def resolve(
     num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
     if images is not None and len(images) not in (1, num_prompts):
         raise ValueError(f"{len(images)} images for {num_prompts} prompts: give one image, or one per prompt")
+    guided = guidance_scale > 1.0
+    if guided and negative_prompt_embeds is None:
+        negatives = as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+        if len(negatives) not in (1, num_prompts):
+            raise ValueError(
+                f"{len(negatives)} negative prompts for {num_prompts} prompts: give one, or one per prompt"
+            )
+    if guided and negative_prompt_embeds is not None:
+        length = prompt_embeds.shape[1] if prompt_embeds is not None else max_sequence_length
+        if tuple(negative_prompt_embeds.shape[:2]) != (num_prompts, length):
+            raise ValueError(
+                f"negative_prompt_embeds of shape {tuple(negative_prompt_embeds.shape)} must match the prompt "
+                f"embeddings [{num_prompts}, {length}, {config.text_embed_dim}]"
+            )
 
     batch = num_prompts * per_prompt
     shape = codec.shape(batch, num_frames, height, width, config.output_channels)
@@ -303,7 +318,7 @@ def resolve(
     return Request(
         task=task, prompts=prompts, num_prompts=num_prompts, batch=batch, height=height, width=width,
         num_frames=num_frames, max_sequence_length=max_sequence_length, guidance_scale=guidance_scale,
-        guided=guidance_scale > 1.0, strength=strength, shape=shape, pad_frames=codec.padding(num_frames),
+        guided=guided, strength=strength, shape=shape, pad_frames=codec.padding(num_frames),
         images=images, video_frames=video_frames,
     )  # fmt: skip
 

@@ -74,7 +74,8 @@ class PipelineSwitches:
         swaps = {"onednn": use_onednn_linear_, "aten": use_aten_linear_}
         if kind not in swaps:
             raise ValueError(f"set_cpu_linear({kind!r}): choose 'onednn' or 'aten'")
-        return swaps[kind](self.transformer) + swaps[kind](self.text_encoder)
+        # A fork's component need not be an nn.Module (the protocols ask for none): there is nothing to swap.
+        return sum(swaps[kind](c) for c in (self.transformer, self.text_encoder) if isinstance(c, torch.nn.Module))
 
     # ---------------------------------------------------------------------------------------- memory plan
 

@@ -49,7 +49,7 @@ dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 pipe = Pipeline.from_pretrained(model, dtype=dtype, device=device, text_encoder_offload=False)
 config = pipe.transformer.config
 frames = int(os.environ.get("FRAMES", config.sample_frames))
-height, width = default_size(config)  # the pipeline's default size: 480x720 (1.0), 768x1360 (1.5)
+height, width = default_size(config, spatial=pipe.vae.spatial_compression)  # 480x720 (1.0), 768x1360 (1.5)
 
 # 1. Encode this process's share of the data once: latents [1, F', C, h, w], prompt embeddings [1, 226, 4096].
 prompts = (data / "prompts.txt").read_text().splitlines()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path
 from ..text.tokenizer import METASPACE
-from ..text.vocab import _encode_varint
+from ..text.vocab import encode_varint
 
 WORD_SCORE = -2.0  # log-probability of each whole-word piece; characters score about -2 to -5 each
 
@@ -29,8 +29,8 @@ WORD_SCORE = -2.0  # log-probability of each whole-word piece; characters score 
 def _piece_message(piece: str, score: float) -> bytes:
     """One ``ModelProto.pieces`` entry: SentencePiece{piece: 1 (string), score: 2 (float)}; type defaults NORMAL."""
     text = piece.encode("utf-8")
-    inner = b"\x0a" + _encode_varint(len(text)) + text + b"\x15" + struct.pack("<f", score)
-    return b"\x0a" + _encode_varint(len(inner)) + inner
+    inner = b"\x0a" + encode_varint(len(text)) + text + b"\x15" + struct.pack("<f", score)
+    return b"\x0a" + encode_varint(len(inner)) + inner
 
 
 def train_tokenizer(folder: Path, corpus: Iterable[str], *, max_length: int) -> Path:

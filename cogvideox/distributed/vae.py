@@ -58,10 +58,13 @@ def _decode_tiled(
         for index, (i, j) in enumerate(origins)
         if index % world == rank
     }
-    # Every rank needs the frame count to size the padded buffers; a rank with no tile knows none.
-    frames = torch.tensor([max((t.shape[2] for t in mine.values()), default=0)], device=collective_device(group))
-    dist.all_reduce(frames, op=dist.ReduceOp.MAX, group=group)
-    full = (z.shape[0], vae.config.out_channels, int(frames), rows.tile * ratio, cols.tile * ratio)
+    # Every rank needs the decoded channel and frame counts to size the padded buffers; a rank with no tile knows
+    # neither, so they travel with the decode (nothing read from the VAE's config).
+    sizes = [max((t.shape[dim] for t in mine.values()), default=0) for dim in (1, 2)]
+    sizes = torch.tensor(sizes, device=collective_device(group))
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+    channels, frames = (int(n) for n in sizes.tolist())
+    full = (z.shape[0], channels, frames, rows.tile * ratio, cols.tile * ratio)
 
     def rounds() -> Iterator[list[torch.Tensor] | None]:
         """One gather per round of ``world`` tiles; yields the received tiles (on ``dst``) in order."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import is_plain_linear
+from .linear import OneDNNLinear, is_plain_linear, onednn_linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -62,6 +62,9 @@ class Fp8Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=FP8), False)
         self.register_buffer("weight_exponent", torch.zeros(out_features, device=device, dtype=torch.int8))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        # Set by ops.use_onednn_linear_ / use_aten_linear_: float32 CPU products through oneDNN, as the plain
+        # layers of the model do (1.11x instead of 1.15-1.2x the reference's step on the CPU, benchmarks/step.py).
+        self.onednn_linear = False
 
     @classmethod
     @torch.no_grad()
@@ -73,6 +76,7 @@ class Fp8Linear(nn.Module):
         weight, exponent = quantize_rows(linear.weight)
         layer.weight = nn.Parameter(weight, requires_grad=False)
         layer.weight_exponent = exponent
+        layer.onednn_linear = isinstance(linear, OneDNNLinear)  # keep the kernel the layer it replaces had
         if has_bias:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), linear.bias.requires_grad)
         return layer
@@ -84,8 +88,8 @@ class Fp8Linear(nn.Module):
         return self.weight.to(dtype).mul_(torch.exp2(self.weight_exponent.to(dtype))[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.linear, not the CPU oneDNN kernel: fp8 storage is for GPU memory, where the product runs in bf16.
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        product = onednn_linear if self.onednn_linear else F.linear
+        return product(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Fp8Linear:
         # nn.Module.to(dtype) converts every floating tensor, and fp8 counts as floating. The conversion is

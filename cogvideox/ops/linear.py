@@ -87,16 +87,30 @@ def _retype_(module: nn.Module, old: type[nn.Linear], new: type[nn.Linear]) -> i
     return len(layers)
 
 
+def _set_own_products_(module: nn.Module, enabled: bool) -> None:
+    """Layers that compute a linear product themselves instead of holding an ``nn.Linear`` (the fp8 layer, the
+    1.0 convolutional patch embedding) declare a boolean ``onednn_linear`` attribute; the swap sets it, so they
+    follow the same kernel choice as the rest of the model."""
+    for m in module.modules():
+        if isinstance(getattr(m, "onednn_linear", None), bool):
+            m.onednn_linear = enabled
+
+
 def use_onednn_linear_(module: nn.Module) -> int:
     """In place: every plain ``nn.Linear`` in ``module`` (``module`` itself included) becomes a
-    :class:`OneDNNLinear`, keeping its Parameter objects (no copy). Subclasses of ``nn.Linear`` (fp8, LoRA and
-    other special layers) are left alone. Returns how many layers changed; a second call changes none."""
+    :class:`OneDNNLinear`, keeping its Parameter objects (no copy), and layers with their own product
+    (``onednn_linear`` attribute: fp8 layers, the 1.0 patch embedding) take :func:`onednn_linear` too. Other
+    subclasses of ``nn.Linear`` (LoRA wrappers hold a plain layer inside) are left alone. Returns how many layers
+    changed class; a second call changes none."""
+    _set_own_products_(module, True)
     return _retype_(module, nn.Linear, OneDNNLinear)
 
 
 def use_aten_linear_(module: nn.Module) -> int:
     """In place: undo :func:`use_onednn_linear_` (every :class:`OneDNNLinear` in ``module`` becomes a plain
-    ``nn.Linear`` again, running ``F.linear``). Returns how many layers changed."""
+    ``nn.Linear`` again, running ``F.linear``, and so do the layers with their own product). Returns how many
+    layers changed class."""
+    _set_own_products_(module, False)
     return _retype_(module, OneDNNLinear, nn.Linear)
 
 

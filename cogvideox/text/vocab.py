@@ -105,7 +105,7 @@ def _fields(data: bytes) -> Iterator[tuple[int, int, Any]]:
         yield number, wire, value
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
     out = bytearray()
     while True:
         low, value = value & 0x7F, value >> 7
@@ -171,7 +171,7 @@ def _sentencepiece_normalizer(charsmap: bytes) -> Callable[[str], str]:
     """
     import sentencepiece
 
-    spec = b"\x12" + _encode_varint(len(charsmap)) + charsmap + _WHITESPACE_HANDLING_OFF
+    spec = b"\x12" + encode_varint(len(charsmap)) + charsmap + _WHITESPACE_HANDLING_OFF
     return sentencepiece.SentencePieceNormalizer(normalizer_spec=spec).normalize
 
 

@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from ..configs import TransformerConfig
+from ..ops.linear import onednn_linear
 
 
 class PatchEmbed(nn.Module):
@@ -41,6 +42,7 @@ class PatchEmbed(nn.Module):
         else:
             self.proj = nn.Linear(config.in_channels * pt * p * p, dim, device=device, dtype=dtype)
         self.text_proj = nn.Linear(config.text_embed_dim, dim, device=device, dtype=dtype)
+        self.onednn_linear = False  # the 1.0 convolution's product: see ops.use_onednn_linear_
         if config.use_learned_positional_embeddings:
             # Covers exactly [text tokens; video tokens] of the training size (5B-I2V: 226 + 13*30*45).
             frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
@@ -61,7 +63,8 @@ class PatchEmbed(nn.Module):
             pw=self.patch_size,
         )
         if isinstance(self.proj, nn.Conv2d):
-            return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+            product = onednn_linear if self.onednn_linear else F.linear  # set by ops.use_onednn_linear_
+            return product(patches, self.proj.weight.flatten(1), self.proj.bias)
         return self.proj(patches)  # the layer's own forward: whatever linear kernel the model was given
 
     def embed_text(self, text_embeds: torch.Tensor) -> torch.Tensor:

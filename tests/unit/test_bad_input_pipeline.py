@@ -131,3 +131,38 @@ def test_dtypes_that_cannot_compute_are_refused_at_load(dtype, monkeypatch):
 
 def test_dtype_names_are_accepted():
     assert Pipeline.from_pretrained(dtype="float32").dtype == torch.float32
+
+
+def test_negative_prompts_are_checked_before_any_model_runs(no_model_runs):
+    with pytest.raises(ValueError, match="3 negative prompts for 2 prompts: give one, or one per prompt"):
+        no_model_runs(["a red circle moves up", "a blue square moves down"], negative_prompt=["a", "b", "c"])
+    with pytest.raises(TypeError, match="negative_prompt must be a string or a list of strings, got int"):
+        no_model_runs("a red circle moves up", negative_prompt=3)
+    embeds = torch.zeros(1, 12, 64)  # the demo: 12 prompt tokens of width 64
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds of shape \(2, 12, 64\) must match"):
+        no_model_runs(prompt=None, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros(2, 12, 64))
+
+
+def test_a_transformer_with_another_conditioning_is_refused(pipe):
+    """CogVideoX-Fun control / inpainting transformers take more input channels than noise (+ image): refused
+    when the pipeline is built, not inside the first transformer pass."""
+    import dataclasses
+
+    config = pipe.transformer.config
+    wide = dataclasses.replace(config, in_channels=3 * config.output_channels)
+    fake = type("Wide", (), {"config": wide})()
+    with pytest.raises(ValueError, match=r"takes 24 input channels for 8 output channels; a text-to-video pipeline"):
+        Pipeline(fake, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.sampler)
+
+
+def test_components_need_not_be_modules_and_prompt_embeds_need_no_text_encoder(pipe):
+    """A pipeline without text encoder or tokenizer runs from prompt embeddings (the oneDNN swap skips them)."""
+    embeds = pipe.encode_text(["a red circle moves up"])
+    negative = pipe.encode_text([""])
+    bare = Pipeline(pipe.transformer, pipe.vae, None, None, pipe.sampler)
+    bare.set_progress_bar_config(disable=True)
+    run = {"num_inference_steps": 2, "output_type": "latent"}
+    gen = torch.Generator().manual_seed(0)
+    ours = bare(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=gen, **run)
+    full = pipe("a red circle moves up", generator=torch.Generator().manual_seed(0), **run)
+    assert torch.equal(ours.frames, full.frames)

@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cogvideox import Transformer
 from cogvideox.configs import T5Config, TransformerConfig
+from cogvideox.ops.fp8 import Fp8Linear
 from cogvideox.ops.linear import (
     ONEDNN_MIN_MACS,
     OneDNNLinear,
@@ -138,10 +139,13 @@ def test_models_are_plain_and_the_swap_makes_every_projection_onednn_in_place(mo
             assert all(type(m) is OneDNNLinear and is_plain_linear(m) for m in layers)
             assert [id(p) for p in model.parameters()] == params  # the same tensors: nothing copied
             assert use_onednn_linear_(model) == 0  # idempotent
+            # The 1.0 convolutional patch embedding computes its product itself, and follows the swap too.
+            own = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
             out, names = run(lambda m=model, a=args: m(*a))
-            assert names.count("mkldnn::_linear_pointwise") == len(layers)
+            assert names.count("mkldnn::_linear_pointwise") == len(layers) + len(own)
             assert rel_err(out, expected) <= 1e-5
             assert use_aten_linear_(model) == len(layers) and all(type(m) is nn.Linear for m in layers)
+            assert not any(getattr(m, "onednn_linear", False) for m in model.modules())
             assert torch.equal(model(*args), expected)
     assert is_plain_linear(nn.Linear(2, 2)) and not is_plain_linear(nn.Identity())
 
@@ -209,3 +213,25 @@ def test_a_model_on_the_onednn_path_matches_f_linear_and_compiles(monkeypatch):
     assert names.count("mkldnn::_linear_pointwise") >= 10
     assert rel_err(out, expected) <= 1e-5
     assert rel_err(compiled, expected) <= 1e-5
+
+
+@needs_onednn
+def test_layers_with_their_own_product_follow_the_swap(monkeypatch):
+    """The 1.0 convolutional patch embedding and fp8 layers compute their product themselves: the swap sets their
+    flag, so the whole model runs one kernel choice (fp8 made from a swapped layer keeps it)."""
+    monkeypatch.setattr(linear_module, "ONEDNN_MIN_MACS", 0)
+    conv_model = Transformer(TransformerConfig(**TINY_TRANSFORMER))  # 1.0: Conv2d patch embedding
+    assert isinstance(conv_model.patch_embed.proj, nn.Conv2d) and conv_model.patch_embed.onednn_linear is False
+    use_onednn_linear_(conv_model)
+    assert conv_model.patch_embed.onednn_linear is True
+    conv_model.enable_fp8_weight_storage()
+    fp8 = [m for m in conv_model.modules() if isinstance(m, Fp8Linear)]
+    assert fp8 and all(m.onednn_linear for m in fp8)
+    x = torch.randn(3, fp8[0].in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, names = run(lambda: fp8[0](x))
+        assert names.count("mkldnn::_linear_pointwise") == 1
+        reference = F.linear(x, fp8[0].dequantized_weight(torch.float32), fp8[0].bias)
+        assert rel_err(out, reference) <= 1e-6
+    use_aten_linear_(conv_model)
+    assert not conv_model.patch_embed.onednn_linear and not any(m.onednn_linear for m in fp8)
