@@ -312,7 +312,8 @@ def resolve(
     if latents is not None:
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
             found = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"latents of shape {found}: this call needs {shape} ([B, F', C, H/8, W/8])")
+            s = codec.spatial
+            raise ValueError(f"latents of shape {found}: this call needs {shape} ([B, F', C, H/{s}, W/{s}])")
         if not bool(torch.isfinite(latents).all()):
             raise ValueError("latents contain NaN or infinite values: pass finite starting latents")
     return Request(
