@@ -22,16 +22,15 @@ A research fork with another VAE keeps this contract by giving its VAE the same 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from .samplers.noise import Generator
+
 if TYPE_CHECKING:
     from .configs import TransformerConfig
     from .protocols import LatentAutoencoder
-
-Generator = torch.Generator | Sequence[torch.Generator] | None
 
 # The ofs value of CogVideoX 1.5 image-to-video: the official SAT sample_video.py, diffusers' I2V pipeline and
 # CogVideo's fine-tuning code all pass 2.0.

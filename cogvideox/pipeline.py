@@ -33,14 +33,13 @@ from .memory import MemoryPlan
 from .processing import image_to_tensor, postprocess_video, video_to_tensor
 from .protocols import Sampler, check_sampler
 from .samplers import choose_sampler, randn
+from .samplers.noise import Generator
 from .switches import PipelineSwitches, fail_together_when_parallel
 from .text import T5Encoder, T5Tokenizer
 from .transformer import Transformer
 from .vae import VAE
 
 logger = logging.getLogger(__name__)
-
-Generator = torch.Generator | list[torch.Generator] | None
 
 
 @dataclasses.dataclass

@@ -2,9 +2,10 @@
 
 The pipeline classes accepted are diffusers' four CogVideoX pipelines (``diffusers/pipelines/cogvideo/``): their
 folders hold the same five components in the same layout, which is all the loader reads. Only
-``CogVideoXImageToVideoPipeline`` changes how the checkpoint is used (its transformer takes image latents); a video-
-to-video or CogVideoX-Fun control folder holds a text-to-video-style transformer (Fun control's 32 input channels are
-noise + control-video latents, not image latents, which is why the class name matters there). Any other class
+``CogVideoXImageToVideoPipeline`` changes how the checkpoint is used (its transformer takes image latents). A
+CogVideoX-Fun control folder is not image-to-video although its transformer also has 32 input channels (noise +
+control-video latents), which is why the class name matters there; until control videos are supported, the
+``Pipeline`` refuses that transformer when it is built (its channels fit no conditioning it makes). Any other class
 (another model family, or a CogVideoX-Fun inpainting folder, whose transformer takes a mask as well) is refused
 instead of being run wrongly. A folder without ``model_index.json`` (a hand-assembled one) is allowed: the pipeline
 then infers image-to-video from the transformer's input channels.
