@@ -36,6 +36,20 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _cache_spec(text: str) -> tuple[str, dict]:
+    """An argparse ``type=``: ``METHOD[:name=value,...]``, the method and every option checked at once (TeaCache's
+    default coefficients, which depend on the model, are checked after loading)."""
+    from .cache import make_cache, parse_cache_spec
+
+    try:
+        method, options = parse_cache_spec(text)
+        if method != "teacache" or "coefficients" in options:
+            make_cache(method, None, **options)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return method, options
+
+
 def _non_negative_float(text: str) -> float:
     value = _finite_float(text)
     if value < 0:
@@ -108,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Negative LoRA weights are meaningful (they subtract an adapter), so only nan and inf are refused.
     _option(gen, "--lora-scale", type=_finite_float, action="append", default=[],
             help="weight of each --lora (one for all, or one per --lora; default 1.0)")  # fmt: skip
+    _option(gen, "--cache", type=_cache_spec, default=None, metavar="METHOD[:k=v,...]",
+            help="step caching (docs/caching.md): teacache, first_block, pab, faster, taylorseer or mag, with "
+                 "options as in diffusers' cache configs, e.g. first_block:threshold=0.1")  # fmt: skip
     _option(gen, "--quiet", action="store_true", help="no progress bar")
     _option(gen, "--ulysses-degree", type=int, default=1,
             help="processes sharing each transformer pass (sequence parallel; start them with torchrun)")  # fmt: skip
@@ -188,6 +205,9 @@ def generate(args: argparse.Namespace) -> list[Path]:
     _load_loras(pipe, args.lora, args.lora_scale)  # before offload: the block streamer records each block's tensors
     if parallel is not None:
         pipe.enable_parallel(parallel)
+    if args.cache is not None:
+        method, options = args.cache
+        pipe.enable_cache(method, **options)
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device)
     elif args.offload == "sequential":

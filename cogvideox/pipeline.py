@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import request
+from .cache import StepCache
 from .denoise import ModelFn, denoise, diffusers_callback
 from .distributed import ParallelConfig, ParallelInference
 from .latents import LatentCodec
@@ -86,6 +87,7 @@ class Pipeline(PipelineSwitches):
         self._interrupt = False
         self.memory = MemoryPlan()
         self.parallel: ParallelInference | None = None  # see enable_parallel
+        self.step_cache: StepCache | None = None  # see enable_cache
         self.set_cpu_linear("onednn")  # faster float32 CPU products; the same F.linear elsewhere (set_cpu_linear)
 
     # ------------------------------------------------------------------------------------------------ building
@@ -275,10 +277,12 @@ class Pipeline(PipelineSwitches):
         return latents * sampler.init_noise_sigma, condition
 
     def _model_fn(self, guided: bool) -> ModelFn:
-        """The transformer as the denoising loop's model callable (with ``ofs`` for 1.5-I2V), wrapped for guidance
-        parallelism when that is on."""
+        """The transformer as the denoising loop's model callable (with ``ofs`` for 1.5-I2V), wrapped by the step
+        cache and for guidance parallelism when those are on."""
         ofs = self.latent_codec.ofs(1, self.device, self.dtype)
         model = functools.partial(self.transformer, ofs=ofs) if ofs is not None else self.transformer
+        if self.step_cache is not None:  # inside the guidance split: the cache sees what its rank computes
+            model = self.step_cache.wrap_model(model)
         return model if self.parallel is None else self.parallel.wrap_model(model, guided)
 
     # ------------------------------------------------------------------------------------------------- call
@@ -349,6 +353,12 @@ class Pipeline(PipelineSwitches):
         embeds = torch.cat([negative, positive]) if req.guided else positive
         if self.parallel is not None:
             latents, condition, embeds = self.parallel.same_on_every_rank(latents, condition, embeds)
+
+        if self.step_cache is not None:
+            split = self.parallel is not None and self.parallel.guidance is not None and req.guided
+            self.step_cache.check_parallel(split)
+            self.step_cache.reduce = None if self.parallel is None else self.parallel.sum_over_ranks
+            self.step_cache.begin_call(timesteps.tolist(), req.guided)
 
         self._interrupt = False
         quiet = {} if self.parallel is None or self.parallel.is_main else {"disable": True}

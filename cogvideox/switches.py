@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .cache import StepCache, make_cache
 from .distributed import ParallelConfig, ParallelInference
 from .memory import MemoryPlan
 
@@ -136,6 +137,8 @@ class PipelineSwitches:
             raise ValueError(_offload_with_parallel_message(self.memory.mode))
         self.disable_parallel()
         config = config or ParallelConfig(ulysses_degree=ulysses_degree, cfg_degree=cfg_degree)
+        if self.step_cache is not None:
+            self.step_cache.check_parallel(config.cfg_degree > 1)
         self.parallel = ParallelInference(self.transformer, config, group, timeout=timeout)
         return self.parallel
 
@@ -144,6 +147,30 @@ class PipelineSwitches:
         if self.parallel is not None:
             self.parallel.release()
             self.parallel = None
+
+    # ------------------------------------------------------------------------------------------- step caching
+
+    def enable_cache(self, method: str, **options: Any) -> StepCache:
+        """Reuse work across denoising steps (docs/caching.md): ``method`` is ``"teacache"``, ``"first_block"``,
+        ``"pab"``, ``"faster"``, ``"taylorseer"`` or ``"mag"``; ``options`` are named, mean and default as in
+        diffusers' cache configs (TeaCache: ``threshold``, ``coefficients``). Every option is checked here,
+        before any work. Replaces a cache enabled before; the cache's state is reset at the start of every call.
+        Returns the cache (``cache.stats`` counts what the last call ran and skipped; MagCache's
+        ``cache.calibration`` holds the ratios a ``calibrate=True`` call measured)."""
+        cache = make_cache(method, self.transformer.config, **options)
+        if self.parallel is not None:
+            cache.check_parallel(self.parallel.guidance is not None)
+        cache.check_model(self.transformer)
+        self.disable_cache()
+        cache.attach(self.transformer)
+        self.step_cache = cache
+        return cache
+
+    def disable_cache(self) -> None:
+        """Back to computing every step in full (frames bitwise those of a pipeline that never cached)."""
+        if self.step_cache is not None:
+            self.step_cache.detach()
+            self.step_cache = None
 
     # ------------------------------------------------------------------------------------------------ LoRA
 

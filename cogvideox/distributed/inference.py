@@ -122,6 +122,14 @@ class ParallelInference:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.state.group)
         return bool(value.item())
 
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every rank of the call (a step cache's distance: Ulysses token shards and
+        guidance halves together), the same on every rank."""
+        self._collective()
+        total = tensor.to(collective_device(self.state.group)).clone()
+        dist.all_reduce(total, group=self.state.group)
+        return total.to(tensor.device)
+
     def decode(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor | None:
         """Tiles over the whole world, video on rank 0 (None elsewhere); see :func:`decode_parallel`."""
         self._collective()

@@ -91,6 +91,8 @@ class Transformer(nn.Module):
         # Ulysses hooks (cogvideox.distributed.enable_sequence_parallel): shard the video tokens before the blocks,
         # gather the projected output after. A plain object, not a submodule.
         self.sequence_parallel = None
+        # Step cache (cogvideox.cache, set by set_step_cache): decides per denoising step which blocks run.
+        self.step_cache = None
         # Position tables keyed by (kind, frames, height, width, device): plain state, rebuilt on demand.
         self._position_cache: dict[tuple, object] = {}
 
@@ -196,6 +198,12 @@ class Transformer(nn.Module):
         self.sequence_parallel = hooks
         for block in self.transformer_blocks:
             block.attn1.sequence_parallel = hooks
+
+    def set_step_cache(self, cache: object | None) -> None:
+        """Install a step cache (:mod:`cogvideox.cache`), or remove it with None. Each forward then hands the
+        block loop to ``cache.run_blocks(run, video, text, temb)``, which may run all blocks, some, or none
+        (reusing what it kept from earlier steps). A plain object, not a submodule."""
+        self.step_cache = cache
 
     @property
     def dtype(self) -> torch.dtype:
@@ -402,11 +410,19 @@ class Transformer(nn.Module):
         if parallel is not None:  # this rank keeps its share of the video tokens
             video, rotary, key_mask = parallel.shard(video, rotary, key_mask, text.shape[1])
 
-        for block in self.transformer_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                video, text = checkpoint(block, video, text, temb, rotary, key_mask, use_reentrant=False)
-            else:
-                video, text = block(video, text, temb, rotary, key_mask)
+        def run_blocks(video: torch.Tensor, text: torch.Tensor, start: int = 0, stop: int | None = None):
+            blocks = self.transformer_blocks
+            for index in range(start, len(blocks) if stop is None else stop):
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    video, text = checkpoint(blocks[index], video, text, temb, rotary, key_mask, use_reentrant=False)
+                else:
+                    video, text = blocks[index](video, text, temb, rotary, key_mask)
+            return video, text
+
+        if self.step_cache is None:
+            video, text = run_blocks(video, text)
+        else:  # the cache decides which blocks run this step (cogvideox.cache)
+            video, text = _cached_blocks(self.step_cache, run_blocks, video, text, temb)
 
         video = self.proj_out(self.norm_out(self.norm_final(video), temb))
         if parallel is not None:  # per-token layers done: gather the small projected output, not the hidden state
@@ -416,3 +432,10 @@ class Transformer(nn.Module):
             "b (f h w) (c pt ph pw) -> b (f pt) c (h ph) (w pw)",
             f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=p, pw=p,
         )  # fmt: skip
+
+
+@torch.compiler.disable
+def _cached_blocks(cache, run_blocks, video, text, temb):
+    """The cache's skip decisions read values on the host (a relative distance, a step counter), so this call
+    stays outside a compiled graph; compile the blocks themselves (``block.compile()``) to speed them up."""
+    return cache.run_blocks(run_blocks, video, text, temb)
