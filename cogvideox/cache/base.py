@@ -148,6 +148,12 @@ class StepCache:
     def skip_blocks(self, count: int) -> None:
         self.stats["blocks_skipped"] += count
 
+    def real_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """``video [B, S_loc, ...]`` without the padding tokens Ulysses adds to the last ranks' shares (the whole
+        tensor when the transformer runs on one process)."""
+        parallel = self.transformer.sequence_parallel
+        return video if parallel is None else video[:, : parallel.real_local_tokens()]
+
     def relative_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
         """``mean|current - previous| / mean|previous|`` as a host float, over every rank's share when the
         call runs on several (Ulysses token shards, guidance halves): every rank then makes the same decision."""

@@ -49,7 +49,10 @@ class FirstBlockCache(StepCache):
         head_video, head_text = self.run(run, video, text, 0, 1)
         residual = head_video - video
         previous = self.head_residual
-        compute = previous is None or self.relative_l1(residual, previous) > self.options["threshold"]
+        compute = (
+            previous is None
+            or self.relative_l1(self.real_tokens(residual), self.real_tokens(previous)) > self.options["threshold"]
+        )
         rest = len(self.transformer.transformer_blocks) - 1
         if not compute:
             self.skip_blocks(rest)
@@ -261,8 +264,8 @@ class MagCache(StepCache):
         """Mean over tokens of ``|residual_t| / |residual_t-1|`` (L2 over channels): MagCache's magnitude ratio."""
         if self.residual is None:
             return 1.0
-        current = torch.linalg.norm(residual.float(), dim=-1)
-        previous = torch.linalg.norm(self.residual.float(), dim=-1)
+        current = torch.linalg.norm(self.real_tokens(residual).float(), dim=-1)
+        previous = torch.linalg.norm(self.real_tokens(self.residual).float(), dim=-1)
         ratio = current / (previous + 1e-8)
         if self.reduce is None:
             return ratio.mean().item()

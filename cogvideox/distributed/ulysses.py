@@ -74,6 +74,12 @@ class UlyssesParallel:
         """Video tokens per rank, ``ceil(S / U)``."""
         return -(-video_tokens // self.degree)
 
+    def real_local_tokens(self) -> int:
+        """How many of this rank's ``S_loc`` video tokens in the forward pass in progress are real (the rest, at
+        the end of the last ranks' shares, is padding): what a statistic over the tokens must count."""
+        per_rank = self.local_tokens(self.video_tokens)
+        return max(0, min(per_rank, self.video_tokens - self.rank * per_rank))
+
     def shard(
         self,
         video: torch.Tensor,

@@ -270,3 +270,44 @@ def failure(rank: int, world: int, folder: str, mode: str, fail_rank: int = 1, g
                       generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
         alive_after["new_groups_call"] = "frames" if frames is not None else "none"
     return {"ended": ended, "seconds": seconds, "aborted": aborted, **alive_after}
+
+
+# ------------------------------------------------------------------------------------------------ step caching
+
+CACHE_STEPS = 10
+
+
+def cached(rank: int, world: int, cases: list[dict]) -> list[dict]:
+    """For each case: rank 0 runs the single-process pipeline with the case's step cache, then every rank runs it
+    parallel; every rank reports what its cache ran and skipped (and TeaCache's decisions, MagCache's
+    calibration), rank 0 the relative error of the frames."""
+    from cogvideox import Pipeline
+    from cogvideox.distributed import ParallelConfig
+
+    out = []
+    for case in cases:
+        pipe = Pipeline.from_pretrained(case["folder"])
+        pipe.set_progress_bar_config(disable=True)
+        cache = pipe.enable_cache(case["method"], **case["options"])
+        kwargs = {**_call_kwargs(case), "num_inference_steps": CACHE_STEPS}
+
+        def report(cache=cache) -> dict:
+            return {
+                "stats": dict(cache.stats),
+                "decisions": getattr(cache, "decisions", None),
+                "calibration": getattr(cache, "calibration", None),
+            }
+
+        entry = {"name": case["name"]}
+        expected = None
+        if rank == 0:
+            expected = pipe(**kwargs, generator=torch.Generator().manual_seed(7)).frames
+            entry["single"] = report()
+        pipe.enable_parallel(ParallelConfig(**case["parallel"]))
+        got = pipe(**kwargs, generator=torch.Generator().manual_seed(7)).frames
+        entry["parallel"] = report()
+        pipe.disable_parallel()
+        if rank == 0:
+            entry["rel_err"] = rel_err(torch.from_numpy(got), torch.from_numpy(expected))
+        out.append(entry)
+    return out
