@@ -379,6 +379,8 @@ class Pipeline(PipelineSwitches):
                 frames = None if video is None else postprocess_video(video, output_type)
         finally:
             progress.close()
+            if self.step_cache is not None:
+                self.step_cache.end_call()
             self.memory.release()  # components go back to the host even when a step fails
         return PipelineOutput(frames=frames) if return_dict else (frames,)
 

@@ -71,6 +71,12 @@ class Denoiser(Protocol):
         layers: the slot sequence parallelism plugs into."""
         ...
 
+    def set_step_cache(self, cache: Any | None) -> None:
+        """Install (or with None remove) a step cache (:mod:`cogvideox.cache`): each forward then hands its block
+        loop to ``cache.run_blocks(run, video, text, temb)``. Needed only by :meth:`Pipeline.enable_cache`; caches
+        that override named layers also expect the published module names (``transformer_blocks.N.attn1``)."""
+        ...
+
 
 @runtime_checkable
 class LatentAutoencoder(Protocol):

@@ -166,6 +166,12 @@ class PipelineSwitches:
         self.step_cache = cache
         return cache
 
+    def _reattach_cache(self) -> None:
+        """Re-install the step cache after a switch that replaced transformer submodules (LoRA wrappers), so a
+        cache that overrides named layers acts on the layers that now run."""
+        if self.step_cache is not None:
+            self.step_cache.attach(self.transformer)
+
     def disable_cache(self) -> None:
         """Back to computing every step in full (frames bitwise those of a pipeline that never cached)."""
         if self.step_cache is not None:
@@ -181,7 +187,9 @@ class PipelineSwitches:
         its name. ``kwargs``: ``allow_pickle``, ``revision``, ``cache_dir``. See :mod:`cogvideox.lora`."""
         from . import lora
 
-        return lora.load_lora(self.transformer, path_or_hub_id, adapter_name, scale, **kwargs)
+        name = lora.load_lora(self.transformer, path_or_hub_id, adapter_name, scale, **kwargs)
+        self._reattach_cache()
+        return name
 
     def set_adapters(
         self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None
@@ -208,3 +216,4 @@ class PipelineSwitches:
         from . import lora
 
         lora.unload_lora(self.transformer)
+        self._reattach_cache()

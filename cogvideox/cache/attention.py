@@ -93,6 +93,8 @@ class PyramidAttentionBroadcast(StepCache):
 
     def _layer(self, name: str, every: int, bounds: tuple[float, float]) -> Callable[..., Any]:
         def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            if not self.stepping:
+                return original(*args, **kwargs)
             state = self.layers.setdefault(name, {"calls": 0, "output": None})
             compute = (
                 state["output"] is None
@@ -136,6 +138,8 @@ class FasterCacheAttention:
         cache = self.cache
 
         def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            if not cache.stepping:
+                return original(*args, **kwargs)
             batch = next(a for a in (*args, *kwargs.values()) if torch.is_tensor(a)).shape[0]
             state = self.layers.setdefault(name, {"calls": 0, "batch": batch, "outputs": None})
             skip = in_open_range(cache.timestep, bounds) and not (state["calls"] > 0 and state["calls"] % every == 0)

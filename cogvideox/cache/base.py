@@ -94,6 +94,16 @@ class StepCache:
         self.stats = Counter()
         self.reset()
 
+    def end_call(self) -> None:
+        """The loop is over (or failed): later direct calls of the transformer run uncached. The counters, and
+        what a method reports (TeaCache's decisions, MagCache's calibration), stay readable."""
+        self.index = -1
+
+    @property
+    def stepping(self) -> bool:
+        """True inside a denoising loop, between its first model call and :meth:`end_call`."""
+        return 0 <= self.index < self.num_steps
+
     def reset(self) -> None:
         """Drop the per-call state (subclasses)."""
 

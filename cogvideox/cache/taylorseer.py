@@ -99,6 +99,8 @@ class TaylorSeerCache(StepCache):
 
     def _module(self, name: str, inactive: bool) -> Callable[..., Any]:
         def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            if not self.stepping:
+                return original(*args, **kwargs)
             state = self.modules.setdefault(name, {"step": -1, "last": None, "factors": {}, "shapes": None})
             state["step"] += 1
             if self._computes(state["step"]):

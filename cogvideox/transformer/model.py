@@ -438,4 +438,6 @@ class Transformer(nn.Module):
 def _cached_blocks(cache, run_blocks, video, text, temb):
     """The cache's skip decisions read values on the host (a relative distance, a step counter), so this call
     stays outside a compiled graph; compile the blocks themselves (``block.compile()``) to speed them up."""
+    if not cache.stepping:  # a direct call outside a denoising loop: nothing to reuse
+        return run_blocks(video, text)
     return cache.run_blocks(run_blocks, video, text, temb)

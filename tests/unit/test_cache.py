@@ -184,3 +184,51 @@ def test_faster_cache_refuses_one_guidance_branch_per_rank():
         cache.check_parallel(True)
     make_cache("faster", is_guidance_distilled=True).check_parallel(True)
     make_cache("first_block").check_parallel(True)
+
+
+@pytest.mark.parametrize("method", ["first_block", "pab", "taylorseer"])
+def test_caches_run_the_loaded_lora(pipe, tmp_path, method):
+    from tests.unit.test_lora import lora_tensors, write
+
+    dim = pipe.transformer.config.inner_dim
+    lora = write(tmp_path / "lora.safetensors", lora_tensors(num_layers=len(pipe.transformer.transformer_blocks),
+                                                              dim=dim, seed=5))  # fmt: skip
+    plain = generate(pipe)
+    pipe.load_lora(lora)
+    try:
+        with_lora = generate(pipe)
+        pipe.enable_cache(method, **NEVER[method])
+        assert np.array_equal(generate(pipe), with_lora)  # nothing skipped: exactly the LoRA's frames
+        cache = pipe.enable_cache(method, **SKIPPING[method])
+        cached = generate(pipe)
+        assert skipped(cache.stats) > 0
+        if method == "taylorseer":  # a cache on layers a LoRA wraps follows the wrappers in (and out)
+            pipe.unload_lora()
+            cache = pipe.enable_cache(method, cache_identifiers=[r"transformer_blocks\.\d+\.attn1\.to_q"])
+            pipe.load_lora(lora)
+            generate(pipe)
+            assert cache.stats["modules_predicted"] > 0
+            assert all(type(m).__name__ == "LoraLinear" for n, m in pipe.transformer.named_modules()
+                       if n.endswith("to_q") and "forward" in m.__dict__)  # fmt: skip
+    finally:
+        pipe.disable_cache()
+        pipe.unload_lora()
+    assert not np.array_equal(with_lora, plain)
+    # the adapter is what the cached blocks compute: closer to the LoRA's uncached frames than to the plain ones
+    assert np.abs(cached - with_lora).mean() < np.abs(cached - plain).mean()
+
+
+def test_direct_transformer_calls_outside_a_call_run_uncached(pipe):
+    config = pipe.transformer.config
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 3, config.in_channels, 4, 4, generator=gen)
+    embeds = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=gen)
+    timestep = torch.tensor([500, 500])
+    with torch.no_grad():
+        expected = pipe.transformer(latents, embeds, timestep)
+        for method in CACHE_METHODS:
+            cache = pipe.enable_cache(method, **SKIPPING[method])
+            generate(pipe, num_inference_steps=4)
+            assert not cache.stepping
+            assert torch.equal(pipe.transformer(latents, embeds, timestep), expected), method
+    pipe.disable_cache()
