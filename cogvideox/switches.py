@@ -54,11 +54,15 @@ def fail_together_when_parallel(call: Callable) -> Callable:
 
 
 class PipelineSwitches:
-    """Mixed into :class:`~cogvideox.Pipeline`; expects ``transformer``, ``memory`` and ``parallel`` attributes."""
+    """Mixed into :class:`~cogvideox.Pipeline`; expects ``transformer``, ``memory`` and ``parallel`` attributes
+    (``step_cache`` is this mixin's own)."""
 
     transformer: Any
     memory: MemoryPlan
     parallel: ParallelInference | None
+    # None until enable_cache(); a class-level default so that the LoRA switches work on a pipeline built without
+    # __init__ (a fork assembling one by hand), as they did before caching existed.
+    step_cache: StepCache | None = None
 
     text_encoder: Any
 
@@ -150,11 +154,12 @@ class PipelineSwitches:
 
     # ------------------------------------------------------------------------------------------- step caching
 
-    def enable_cache(self, method: str, **options: Any) -> StepCache:
+    def enable_cache(self, method: str | StepCache, **options: Any) -> StepCache:
         """Reuse work across denoising steps (docs/caching.md): ``method`` is ``"teacache"``, ``"first_block"``,
         ``"pab"``, ``"faster"``, ``"taylorseer"`` or ``"mag"``; ``options`` are named, mean and default as in
         diffusers' cache configs (TeaCache: ``threshold``, ``coefficients``). Every option is checked here,
         before any work. Replaces a cache enabled before; the cache's state is reset at the start of every call.
+        A fork's own method: pass an instance of a :class:`cogvideox.cache.StepCache` subclass as ``method``.
         Returns the cache (``cache.stats`` counts what the last call ran and skipped; MagCache's
         ``cache.calibration`` holds the ratios a ``calibrate=True`` call measured)."""
         cache = make_cache(method, self.transformer.config, **options)

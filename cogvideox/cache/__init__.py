@@ -31,9 +31,14 @@ CACHE_METHODS: dict[str, type[StepCache]] = {
 }
 
 
-def make_cache(method: str, config: TransformerConfig | None = None, **options: Any) -> StepCache:
+def make_cache(method: str | StepCache, config: TransformerConfig | None = None, **options: Any) -> StepCache:
     """A step cache of ``method`` with ``options``, every option checked here (before any model runs).
-    ``config`` (the transformer's) picks TeaCache's published coefficients."""
+    ``config`` (the transformer's) picks TeaCache's published coefficients. A :class:`StepCache` instance (a
+    fork's own method) is returned as it is."""
+    if isinstance(method, StepCache):
+        if options:
+            raise TypeError(f"options {sorted(options)} go to the cache's constructor, not with a cache object")
+        return method
     if method not in CACHE_METHODS:
         raise ValueError(f"unknown cache method {method!r}; choose one of: {', '.join(CACHE_METHODS)}")
     if method == "teacache":

@@ -10,8 +10,10 @@ The variant is read from the config alone: ``patch_size_t`` (1.5), ``use_rotary_
 ``use_learned_positional_embeddings`` (5B-I2V), ``ofs_embed_dim`` (1.5-I2V), ``in_channels`` (32 for I2V).
 Position tables are computed from the input shape and cached per (shape, device); callers never pass them.
 The forward pass never reads a device value on the host (no ``.item()``, no branch on values, no per-call host
-tensors), so it compiles whole with ``fullgraph=True``. Opt-in switches: :meth:`Transformer.fuse_qkv_projections`
-and :meth:`Transformer.enable_fp8_weight_storage` (costs and measurements in docs/performance.md).
+tensors), so it compiles whole with ``fullgraph=True`` (with a step cache installed, :mod:`cogvideox.cache`, the
+block loop is the cache's and runs outside compiled graphs: compile the blocks). Opt-in switches:
+:meth:`Transformer.fuse_qkv_projections` and :meth:`Transformer.enable_fp8_weight_storage` (costs and measurements
+in docs/performance.md).
 """
 
 from __future__ import annotations

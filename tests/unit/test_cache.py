@@ -102,13 +102,14 @@ def test_batches_of_prompts_and_videos_per_prompt(pipe, method):
     assert skipped(cache.stats) > 0
 
 
-@pytest.mark.parametrize("method", ["first_block", "pab", "taylorseer"])
-def test_sequential_offload_gives_the_same_frames(method):
+@pytest.mark.parametrize(("method", "offload"), [("first_block", "sequential"), ("pab", "sequential"),
+                                                  ("taylorseer", "sequential"), ("teacache", "model")])  # fmt: skip
+def test_offload_gives_the_same_frames(method, offload):
     plain, streamed = Pipeline.from_pretrained(), Pipeline.from_pretrained()
     for p in (plain, streamed):
         p.set_progress_bar_config(disable=True)
         p.enable_cache(method, **SKIPPING[method])
-    streamed.enable_sequential_cpu_offload(device="cpu")
+    getattr(streamed, f"enable_{offload}_cpu_offload")(device="cpu")
     assert np.array_equal(generate(streamed), generate(plain))
     assert skipped(streamed.step_cache.stats) > 0
 
@@ -232,3 +233,34 @@ def test_direct_transformer_calls_outside_a_call_run_uncached(pipe):
             assert not cache.stepping
             assert torch.equal(pipe.transformer(latents, embeds, timestep), expected), method
     pipe.disable_cache()
+
+
+def test_a_forks_cache_object_plugs_in(pipe, uncached):
+    from cogvideox.cache import StepCache
+
+    class EveryOtherStep(StepCache):
+        """Skips every block on odd steps, reusing the last residual: a minimal fork method."""
+
+        method = "every_other"
+
+        def reset(self):
+            self.residual = None
+
+        def run_blocks(self, run, video, text, temb):
+            if self.index % 2 and self.residual is not None:
+                self.skip_blocks(len(self.transformer.transformer_blocks))
+                return video + self.residual[0], text + self.residual[1]
+            out_video, out_text = self.run(run, video, text)
+            self.residual = (out_video - video, out_text - text)
+            return out_video, out_text
+
+    cache = pipe.enable_cache(EveryOtherStep())
+    try:
+        frames = generate(pipe)
+    finally:
+        pipe.disable_cache()
+    blocks = len(pipe.transformer.transformer_blocks)
+    assert cache.stats == {"blocks_run": blocks * STEPS // 2, "blocks_skipped": blocks * STEPS // 2}
+    assert frames.shape == uncached.shape and not np.array_equal(frames, uncached)
+    with pytest.raises(TypeError, match="go to the cache's constructor"):
+        pipe.enable_cache(EveryOtherStep(), threshold=1)
