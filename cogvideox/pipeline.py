@@ -339,6 +339,11 @@ class Pipeline(PipelineSwitches):
         else:
             timesteps, num_steps = sampler.set_timesteps(num_inference_steps, self.device), num_inference_steps
 
+        if self.step_cache is not None:  # before the first collective: a refusal here tears nothing down
+            split = self.parallel is not None and self.parallel.guidance is not None and req.guided
+            self.step_cache.check_parallel(split)
+            self.step_cache.reduce = None if self.parallel is None else self.parallel.sum_over_ranks
+            self.step_cache.begin_call(timesteps.tolist(), req.guided)
         if self.parallel is not None:  # every rank draws the same numbers (DPM noise too)
             generator = self.parallel.generator(generator)
         positive, negative = self.encode_prompt(
@@ -353,12 +358,6 @@ class Pipeline(PipelineSwitches):
         embeds = torch.cat([negative, positive]) if req.guided else positive
         if self.parallel is not None:
             latents, condition, embeds = self.parallel.same_on_every_rank(latents, condition, embeds)
-
-        if self.step_cache is not None:
-            split = self.parallel is not None and self.parallel.guidance is not None and req.guided
-            self.step_cache.check_parallel(split)
-            self.step_cache.reduce = None if self.parallel is None else self.parallel.sum_over_ranks
-            self.step_cache.begin_call(timesteps.tolist(), req.guided)
 
         self._interrupt = False
         quiet = {} if self.parallel is None or self.parallel.is_main else {"disable": True}
