@@ -37,6 +37,7 @@ from .samplers import choose_sampler, randn
 from .samplers.noise import Generator
 from .switches import PipelineSwitches, fail_together_when_parallel
 from .text import T5Encoder, T5Tokenizer
+from .threads import intra_op_threads, pass_flops, threads_for_call
 from .transformer import Transformer
 from .vae import VAE
 
@@ -57,6 +58,11 @@ class Pipeline(PipelineSwitches):
 
     Build with :meth:`from_pretrained`, or from ready components (a research fork swapping one module).
     """
+
+    source: str | None = None  # what from_pretrained loaded, for repr (None: built from components)
+    #: intra-op CPU threads for a call: None chooses per call (one thread for tiny models, cogvideox/threads.py),
+    #: "all" keeps the process's torch.get_num_threads(), an int forces that count
+    cpu_threads: int | str | None = None
 
     def __init__(
         self,
@@ -129,7 +135,8 @@ class Pipeline(PipelineSwitches):
             sampler_overrides: scheduler config fields to change, e.g. ``timestep_spacing="trailing"`` (not with
                 a sampler object: configure that one yourself).
         """
-        if path_or_hub_id is None:
+        demo = path_or_hub_id is None
+        if demo:
             from .demo import demo_model_path
 
             path_or_hub_id = demo_model_path()
@@ -146,6 +153,7 @@ class Pipeline(PipelineSwitches):
         text_encoder = text_encoder or T5Encoder.from_pretrained(root / "text_encoder", **components)
         tokenizer = tokenizer or T5Tokenizer.from_pretrained(root / "tokenizer")
         pipe = cls(transformer, vae, text_encoder, tokenizer, sampler, image_to_video=image_to_video)
+        pipe.source = "the bundled demo model" if demo else str(path_or_hub_id)
         if text_encoder_offload is None:
             text_encoder_offload = torch.device(device).type == "cuda"
         if text_encoder_offload:
@@ -153,6 +161,30 @@ class Pipeline(PipelineSwitches):
         if parallel is not None:
             pipe.enable_parallel(parallel)
         return pipe
+
+    def __repr__(self) -> str:
+        """The model, where it computes, and the switches that are on: what a notebook shows for ``pipe``."""
+        from .lora import loaded_adapters
+
+        config = self.transformer.config
+        task = "image-to-video" if self.image_to_video else "text-to-video / video-to-video"
+        lines = [
+            f"Pipeline({self.source or type(self.transformer).__name__}: {task}, "
+            f"{getattr(config, 'num_layers', '?')} layers, {self.dtype}, {self.device})",
+            f"  sampler: {type(self.sampler).__name__}",
+        ]
+        switches = []
+        if self.memory.mode is not None:
+            switches.append(f"{self.memory.mode} CPU offload")
+        adapters = loaded_adapters(self.transformer) if isinstance(self.transformer, torch.nn.Module) else {}
+        if adapters:
+            switches.append("LoRA " + ", ".join(f"{name} ({weight})" for name, weight in adapters.items()))
+        if self.step_cache is not None:
+            switches.append(f"step cache {self.step_cache!r}")
+        if self.parallel is not None:
+            switches.append(repr(self.parallel))
+        lines.append("  switches: " + ("; ".join(switches) if switches else "none"))
+        return "\n".join(lines)
 
     def set_sampler(self, kind: str | Sampler, **overrides: Any) -> None:
         """Switch between ``"ddim"`` and ``"dpm"`` (keeping the schedule), e.g. the official demo's
@@ -315,12 +347,52 @@ class Pipeline(PipelineSwitches):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         max_sequence_length: int | None = None,
     ) -> PipelineOutput | tuple:
-        """Generate videos; arguments as diffusers' CogVideoX pipelines (see docs/usage.md).
+        """Generate videos. Arguments carry diffusers' names and meanings (docs/usage.md lists where we differ).
 
-        ``image`` selects image-to-video (I2V checkpoints only), ``video`` video-to-video with ``strength``.
-        ``max_sequence_length`` defaults to the transformer's ``max_text_seq_length`` (226, diffusers' default,
-        for every published model; the bundled demo model was trained on fewer tokens). Every argument is checked
-        before any model runs (:func:`cogvideox.request.resolve`).
+        Every argument is checked before any model runs (:func:`cogvideox.request.resolve`); a bad one is a
+        ValueError or TypeError naming the value and the rule.
+
+        Args:
+            prompt: one text or a list (a batch). Optional when ``prompt_embeds`` is given.
+            negative_prompt: what guidance steers away from; one text for all prompts or one per prompt
+                (default: the empty text). Ignored without guidance.
+            image: image-to-video (I2V checkpoints only): a path, PIL image, ``np`` array ``[H, W, 3]`` (uint8
+                0..255 or float 0..1) or tensor; one image for every prompt, or a list with one per prompt.
+            video: video-to-video (text-to-video checkpoints): a path, a list of frames, or an array
+                ``[F, H, W, 3]``; the first ``num_frames`` frames are used.
+            strength: video-to-video only, in (0, 1]: how much of the schedule runs (1: from pure noise).
+            height, width: pixels, multiples of 16. Default: the checkpoint's trained size (480x720 for 1.0
+                models, 768x1360 for CogVideoX 1.5; 1.5 I2V: from the image's aspect ratio; the demo 32x32).
+            num_frames: ``4k + 1`` frames (the trained counts are 8N+1 for 1.0, 16N+1 for 1.5; others warn).
+                Default: the checkpoint's ``sample_frames`` (49; 81 for 1.5; the demo 9).
+            num_inference_steps: sampler steps (default 50; video-to-video runs ``strength`` of them).
+            guidance_scale: classifier-free guidance weight, a finite number >= 0 (default 6.0); 1 or less turns
+                guidance off and halves the work.
+            use_dynamic_cfg: CogVideoX's cosine schedule of the guidance scale over the steps (default off, as in
+                diffusers; the official ``cli_demo.py`` turns it on), computed from the raw timestep value as the
+                reference does.
+            num_videos_per_prompt: videos per prompt, adjacent in the batch (``[p0, p0, p1, p1]``); diffusers
+                silently makes it 1.
+            eta: DDIM's noise weight (0: deterministic).
+            generator: a ``torch.Generator`` (or one per video) for reproducible noise; the same seed gives the
+                reference pipeline's video.
+            latents: starting noise ``[B, F', C, H/8, W/8]`` instead of drawing it (checked for shape and NaN).
+            prompt_embeds, negative_prompt_embeds: text-encoder outputs ``[B, L, 4096]`` instead of prompts.
+            output_type: ``"pil"`` (default: lists of PIL images), ``"np"`` (``[B, F, H, W, 3]`` floats in
+                [0, 1]), ``"pt"`` (``[B, F, 3, H, W]``) or ``"latent"`` (the final latents).
+            return_dict: False returns ``(frames,)``.
+            callback_on_step_end: ``callback(pipe, step, timestep, tensors) -> dict`` after each step, with the
+                tensors named in ``callback_on_step_end_tensor_inputs`` (``latents``, ``prompt_embeds``,
+                ``negative_prompt_embeds``); returned tensors replace them. Set ``pipe.interrupt = True`` to stop.
+            max_sequence_length: prompt tokens; default the transformer's ``max_text_seq_length`` (226 for every
+                published model; the bundled demo model was trained on 12).
+
+        Returns:
+            :class:`PipelineOutput` with ``.frames`` (rank 0 only under parallel inference; None elsewhere).
+
+        Switches that change how a call runs, not its arguments: offload (``enable_model_cpu_offload``), step
+        caching (``enable_cache``), LoRA (``load_lora``), several GPUs (``enable_parallel``); ``repr(pipe)``
+        shows which are on.
         """
         req = request.resolve(
             self.transformer.config, self.latent_codec, image_to_video=self.image_to_video, prompt=prompt,
@@ -333,55 +405,67 @@ class Pipeline(PipelineSwitches):
         request.check_dtypes(
             self.transformer, self.vae, self.device, decodes=req.task != "t2v" or output_type != "latent"
         )
-        sampler = self.sampler
-        if req.task == "v2v":
-            timesteps, num_steps = sampler.timesteps_for_strength(num_inference_steps, req.strength, self.device)
-        else:
-            timesteps, num_steps = sampler.set_timesteps(num_inference_steps, self.device), num_inference_steps
-
-        if self.step_cache is not None:  # before the first collective: a refusal here tears nothing down
-            split = self.parallel is not None and self.parallel.guidance is not None and req.guided
-            self.step_cache.check_parallel(split)
-            self.step_cache.reduce = None if self.parallel is None else self.parallel.sum_over_ranks
-            self.step_cache.begin_call(timesteps.tolist(), req.guided)
-        if self.parallel is not None:  # every rank draws the same numbers (DPM noise too)
-            generator = self.parallel.generator(generator)
-        positive, negative = self.encode_prompt(
-            req.prompts, negative_prompt, do_classifier_free_guidance=req.guided, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=req.max_sequence_length,
-        )  # fmt: skip
-        # Videos per prompt are adjacent: [p0, p0, p1, p1] (the reference forces num_videos_per_prompt to 1).
-        per_prompt = req.batch // req.num_prompts
-        positive = positive.repeat_interleave(per_prompt, dim=0)
-        negative = None if negative is None else negative.repeat_interleave(per_prompt, dim=0)
-        latents, condition = self.prepare_latents(req, timesteps, generator, latents)
-        embeds = torch.cat([negative, positive]) if req.guided else positive
-        if self.parallel is not None:
-            latents, condition, embeds = self.parallel.same_on_every_rank(latents, condition, embeds)
-
-        self._interrupt = False
-        quiet = {} if self.parallel is None or self.parallel.is_main else {"disable": True}
-        progress = tqdm(total=len(timesteps), **{"desc": "denoising", **self.progress_bar_config, **quiet})
-        callback = None
-        if callback_on_step_end is not None:
-            callback = diffusers_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, negative)
-        try:
-            latents = denoise(
-                self._model_fn(req.guided), sampler, latents, timesteps, embeds, guidance_scale=req.guidance_scale,
-                dynamic_guidance=use_dynamic_cfg, num_steps=num_steps, condition=condition, generator=generator,
-                eta=eta, callback=callback, interrupted=lambda: self._interrupt, on_step_end=progress.update,
-            )  # fmt: skip
-            if output_type == "latent":
-                frames = latents
+        # A tiny model runs faster on one CPU thread, and much faster on a busy machine (cogvideox/threads.py).
+        threads = threads_for_call(self.device, self._pass_flops(req), self.cpu_threads)
+        with intra_op_threads(threads):
+            sampler = self.sampler
+            if req.task == "v2v":
+                timesteps, num_steps = sampler.timesteps_for_strength(num_inference_steps, req.strength, self.device)
             else:
-                video = self.decode_latents(latents, num_pad_frames=req.pad_frames)  # None off rank 0 when parallel
-                frames = None if video is None else postprocess_video(video, output_type)
-        finally:
-            progress.close()
-            if self.step_cache is not None:
-                self.step_cache.end_call()
-            self.memory.release()  # components go back to the host even when a step fails
-        return PipelineOutput(frames=frames) if return_dict else (frames,)
+                timesteps, num_steps = sampler.set_timesteps(num_inference_steps, self.device), num_inference_steps
+
+            if self.step_cache is not None:  # before the first collective: a refusal here tears nothing down
+                split = self.parallel is not None and self.parallel.guidance is not None and req.guided
+                self.step_cache.check_parallel(split)
+                self.step_cache.reduce = None if self.parallel is None else self.parallel.sum_over_ranks
+                self.step_cache.begin_call(timesteps.tolist(), req.guided)
+            if self.parallel is not None:  # every rank draws the same numbers (DPM noise too)
+                generator = self.parallel.generator(generator)
+            positive, negative = self.encode_prompt(
+                req.prompts, negative_prompt, do_classifier_free_guidance=req.guided, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=req.max_sequence_length,
+            )  # fmt: skip
+            # Videos per prompt are adjacent: [p0, p0, p1, p1] (the reference forces num_videos_per_prompt to 1).
+            per_prompt = req.batch // req.num_prompts
+            positive = positive.repeat_interleave(per_prompt, dim=0)
+            negative = None if negative is None else negative.repeat_interleave(per_prompt, dim=0)
+            latents, condition = self.prepare_latents(req, timesteps, generator, latents)
+            embeds = torch.cat([negative, positive]) if req.guided else positive
+            if self.parallel is not None:
+                latents, condition, embeds = self.parallel.same_on_every_rank(latents, condition, embeds)
+
+            self._interrupt = False
+            quiet = {} if self.parallel is None or self.parallel.is_main else {"disable": True}
+            progress = tqdm(total=len(timesteps), **{"desc": "denoising", **self.progress_bar_config, **quiet})
+            callback = None
+            if callback_on_step_end is not None:
+                callback = diffusers_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, negative)
+            try:
+                latents = denoise(
+                    self._model_fn(req.guided), sampler, latents, timesteps, embeds, guidance_scale=req.guidance_scale,
+                    dynamic_guidance=use_dynamic_cfg, num_steps=num_steps, condition=condition, generator=generator,
+                    eta=eta, callback=callback, interrupted=lambda: self._interrupt, on_step_end=progress.update,
+                )  # fmt: skip
+                if output_type == "latent":
+                    frames = latents
+                else:
+                    video = self.decode_latents(latents, num_pad_frames=req.pad_frames)  # None off rank 0 when parallel
+                    frames = None if video is None else postprocess_video(video, output_type)
+            finally:
+                progress.close()
+                if self.step_cache is not None:
+                    self.step_cache.end_call()
+                self.memory.release()  # components go back to the host even when a step fails
+            return PipelineOutput(frames=frames) if return_dict else (frames,)
+
+    def _pass_flops(self, req: request.Request) -> float:
+        """FLOPs of one transformer pass of this call (guidance batch included), for the thread rule."""
+        config = self.transformer.config
+        _, frames, _, height, width = req.shape
+        p, pt = config.patch_size, config.patch_size_t or 1
+        tokens = -(-frames // pt) * (height // p) * (width // p) + req.max_sequence_length
+        batch = req.batch * (2 if req.guided else 1)
+        return pass_flops(config.inner_dim, config.num_layers, tokens, batch)
 
     # ------------------------------------------------------------------------------------------------ decoding
 
