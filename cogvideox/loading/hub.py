@@ -2,12 +2,14 @@
 
 A local path wins when it exists. Otherwise a string shaped like ``org/name`` is fetched with
 ``huggingface_hub.snapshot_download``, restricted by ``allow_patterns`` so that only the files a component needs
-are downloaded (no ``.bin`` duplicates, no other precisions).
+are downloaded (no ``.bin`` duplicates, no other precisions). When the hub cannot be reached, the error says
+that the string was taken for a hub id and how to load without the network, not only the transport's message.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +36,55 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name))
 
 
+# The errors a download raises when the hub cannot be reached, by module: looked up in ``sys.modules`` only (a
+# transport that was never imported cannot have raised, and importing one here would slow every import).
+_CONNECTION_ERRORS = {
+    "requests.exceptions": ("ConnectionError", "Timeout"),
+    "httpx": ("TransportError",),
+    "httpx2": ("TransportError",),
+}
+# huggingface_hub's own errors (older releases define them in huggingface_hub.utils only).
+_HUB_ERROR_MODULES = ("huggingface_hub.errors", "huggingface_hub.utils")
+
+
+def _loaded_classes(names_by_module: dict[str, tuple[str, ...]]) -> tuple[type[BaseException], ...]:
+    found = []
+    for module_name, names in names_by_module.items():
+        module = sys.modules.get(module_name)
+        found += [getattr(module, name) for name in names if hasattr(module, name)]
+    return tuple(cls for cls in found if isinstance(cls, type) and issubclass(cls, BaseException))
+
+
+def _cause(error: BaseException) -> str:
+    """``Type: message`` (first line) of what made ``error``: the transport's error behind huggingface_hub's."""
+    cause = error.__cause__ or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
+def hub_unreachable_error(hub_id: str, error: BaseException, *, local_files_only: bool) -> OSError | None:
+    """The error to raise instead of ``error`` when a download failed for want of the network (or with the
+    network turned off and the files not cached); None for any other failure, which is raised unchanged."""
+    offline = _loaded_classes(dict.fromkeys(_HUB_ERROR_MODULES, ("OfflineModeIsEnabled",)))
+    not_cached = _loaded_classes(dict.fromkeys(_HUB_ERROR_MODULES, ("LocalEntryNotFoundError",)))
+    taken = f"{hub_id!r} was taken for a hub id because no folder of that name exists here ({Path.cwd()})"
+    if isinstance(error, not_cached) and (local_files_only or isinstance(error.__cause__, offline)):
+        reason = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1"
+        return FileNotFoundError(
+            f"{taken}, and it is not in the local hub cache while downloads are off ({reason}): give the path of a "
+            "local folder holding the model, or download it once with the network on"
+        )
+    # Without the network huggingface_hub raises LocalEntryNotFoundError (nothing cached) from the transport's
+    # error; a transport error may also escape it mid-download. OfflineModeIsEnabled is a ConnectionError.
+    if isinstance(error, (ConnectionError, TimeoutError, *not_cached, *_loaded_classes(_CONNECTION_ERRORS))):
+        return ConnectionError(
+            f"{taken}, and the Hugging Face Hub could not be reached ({_cause(error)}): give the path of a local "
+            "folder holding the model, or, if it was downloaded before, set HF_HUB_OFFLINE=1 to load it from the "
+            "local hub cache without the network"
+        )
+    return None
+
+
 def resolve_pretrained(
     path_or_hub_id: str | Path,
     *,
@@ -46,7 +97,10 @@ def resolve_pretrained(
     """The local folder for ``path_or_hub_id`` (joined with ``subfolder``), downloading from the hub if needed.
 
     Raises:
-        FileNotFoundError: neither an existing folder nor a hub id, or the subfolder is absent.
+        FileNotFoundError: neither an existing folder nor a hub id, or the subfolder is absent; or downloads are
+            off (``local_files_only``, ``HF_HUB_OFFLINE=1``) and the hub id is not in the local cache.
+        ConnectionError: a hub id was given and the hub could not be reached (the message says how to load
+            without the network).
         ImportError: a hub id was given and huggingface_hub is not installed.
     """
     local = Path(path_or_hub_id).expanduser()
@@ -62,15 +116,21 @@ def resolve_pretrained(
         patterns = list(allow_patterns or DEFAULT_ALLOW_PATTERNS)
         if subfolder:
             patterns = [f"{subfolder}/{p}" for p in patterns] + ["model_index.json"]
-        root = Path(
-            snapshot_download(
-                path_or_hub_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                allow_patterns=patterns,
+        try:
+            root = Path(
+                snapshot_download(
+                    path_or_hub_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    allow_patterns=patterns,
+                )
             )
-        )
+        except Exception as err:
+            clear = hub_unreachable_error(path_or_hub_id, err, local_files_only=local_files_only)
+            if clear is None:
+                raise
+            raise clear from err
     else:
         raise FileNotFoundError(
             f"{str(path_or_hub_id)!r} is neither an existing folder nor a hub id like 'THUDM/CogVideoX-5b'"

@@ -219,3 +219,27 @@ def test_number_types_raise_argument_type_errors():
         cli._non_negative_float("nan")
     assert cli._finite_float("-0.5") == -0.5  # a negative LoRA weight subtracts the adapter: allowed
     assert cli.build_parser().parse_args(["generate", "--prompt", "p"]).guidance_scale == 6.0
+
+
+@pytest.mark.parametrize("option", ["--model", "--image", "--lora", "--device", "--lora_path", "--model_path"])
+def test_empty_paths_and_names_are_argparse_errors_not_the_default(option, capsys):
+    # An unset shell variable ("--model $MODEL") must not load the current folder or the demo model.
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args(["generate", "--prompt", "p", option, ""])
+    assert caught.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("cogvideox generate: error: argument ") and option in last
+    assert last.endswith(": empty value: give a path or name, or leave the option out for the default")
+
+
+@pytest.mark.parametrize(
+    ("option", "example"),
+    [("--num_frames", 49), ("--height", 480), ("--num_inference_steps", 50), ("--num_videos_per_prompt", 1)],
+)
+def test_negative_counts_are_argparse_errors_under_the_official_names(option, example, capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args(["generate", "--prompt", "p", option, "-8"])
+    assert caught.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(f": -8 is not positive: give a whole number >= 1 (e.g. {example}), or leave the option out "
+                         "for the default")  # fmt: skip
