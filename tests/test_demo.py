@@ -80,6 +80,17 @@ def test_tokenizer_gives_one_token_per_word():
         assert int(ids.attention_mask.sum()) == len(caption.split()) + 1  # words + </s>
 
 
+def test_case_and_punctuation_do_not_change_the_video(demo_pipe):
+    """The prompt "A RED square moves up." used to come out yellow ("RED" was an unknown token); the tokenizer file
+    now folds case and punctuation, so it gives the caption's video, frame for frame."""
+    videos = [
+        demo_pipe(prompt, output_type="np", generator=torch.Generator().manual_seed(0)).frames[0]
+        for prompt in ("A RED square moves up.", "a red square moves up")
+    ]
+    assert np.array_equal(videos[0], videos[1])
+    assert describe(videos[0])[0] == "red"
+
+
 def test_rendered_clips_are_described_exactly():
     gen = torch.Generator().manual_seed(0)
     for motion in data.all_motions():

@@ -5,6 +5,8 @@ on any CPU, offline, in seconds. It draws one coloured circle or square moving a
 9 frames, from captions such as "a red circle moves to the right" (:mod:`cogvideox.demo.data` lists the words).
 
 - :mod:`cogvideox.demo.data`: the synthetic clips and captions, with held-out colour-direction pairs;
+- :mod:`cogvideox.demo.tokenizer`: its sentencepiece file, one piece per caption word, case and punctuation folded;
+- :mod:`cogvideox.demo.prompts`: its vocabulary, and the warning about prompts with other words;
 - :mod:`cogvideox.demo.train`: ``python -m cogvideox.demo.train`` retrains it (about 20 minutes on two cores);
 - :mod:`cogvideox.demo.evaluate`: the dominant colour and motion direction of a generated video.
 """

@@ -15,14 +15,20 @@ truncation=True``. For one prompt it does, in order:
 5. append ``</s>``; truncate to ``max_length - 1`` tokens before appending it; pad with ``<pad>`` (id 0) on the
    right. The mask is 1 on every token that is not padding, including ``</s>`` and a ``<pad>`` written in the text.
 
-Prompts longer than ``max_length`` lose their tail, and a warning quotes the dropped text (as the pipeline does).
+Prompts longer than ``max_length`` lose their tail, and a warning quotes the dropped words as written in the prompt
+(a word cut inside is quoted whole), and the dropped tokens' text as the diffusers pipeline's warning does.
+
+The bundled demo model's tokenizer also warns, once per process, about words outside its tiny vocabulary
+(:mod:`cogvideox.demo.prompts`), through :attr:`T5Tokenizer.check_prompts`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -38,6 +44,7 @@ METASPACE = "\u2581"  # "▁": sentencepiece's visible word-start marker
 WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | frozenset(
     chr(c) for c in range(0x2000, 0x200B)
 )
+_WORD = re.compile(f"[^{re.escape(''.join(sorted(WHITESPACE)))}]+")  # a word as written: a run of non-whitespace
 # The reference's Unigram scores a character no piece covers as the lowest piece score minus this.
 UNKNOWN_PENALTY = 10.0
 DEFAULT_MAX_LENGTH = 226  # what the CogVideoX pipelines pass (max_sequence_length)
@@ -73,10 +80,15 @@ class T5Tokenizer:
     """Sentencepiece-Unigram tokenizer of T5, equal to ``transformers.T5Tokenizer`` (see the module docstring).
 
     Build it with :meth:`from_pretrained`; call it on a prompt or a list of prompts.
+
+    Attributes:
+        check_prompts: called with the prompts of every call before they are tokenized, or None. The bundled demo
+            model's tokenizer sets it (by :meth:`from_pretrained`) to warn about words the demo does not know.
     """
 
-    def __init__(self, vocab: UnigramVocab) -> None:
+    def __init__(self, vocab: UnigramVocab, *, check_prompts: Callable[[Sequence[str]], None] | None = None) -> None:
         self.vocab = vocab
+        self.check_prompts = check_prompts
         self._piece_ids = {piece: i for i, piece in enumerate(vocab.pieces)}
         self._scores = vocab.scores
         self._max_piece_chars = max(len(piece) for piece in vocab.pieces)
@@ -97,7 +109,9 @@ class T5Tokenizer:
         ``tokenizer_config.json`` (``extra_ids``, ``model_max_length``). ``hub_kwargs``: ``revision``,
         ``cache_dir``, ``local_files_only``.
         """
-        return cls(load_vocab(component_folder(path_or_hub_id, "tokenizer", **hub_kwargs)))
+        folder = component_folder(path_or_hub_id, "tokenizer", **hub_kwargs)
+        vocab = load_vocab(folder)
+        return cls(vocab, check_prompts=_demo_prompt_check(folder, vocab))
 
     @property
     def vocab_size(self) -> int:
@@ -202,20 +216,58 @@ class T5Tokenizer:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length={max_length!r}: must be an integer >= 2 (at least one token and </s>)")
 
+        if self.check_prompts is not None:
+            self.check_prompts(texts)
         input_ids = torch.full((len(texts), max_length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(texts), max_length), dtype=torch.long)
         for row, text in enumerate(texts):
             ids = self.encode(text)
             if len(ids) > max_length:
-                dropped = ids[max_length - 1 : -1]
-                logger.warning(
-                    "prompt %d has %d tokens but max_length=%d: the end of it was dropped: %r",
-                    row,
-                    len(ids),
-                    max_length,
-                    self.decode(dropped),
-                )
+                logger.warning("%s", self._truncation_message(row, text, ids, max_length))
                 ids = ids[: max_length - 1] + [self.eos_token_id]
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
         return TokenizedText(input_ids=input_ids, attention_mask=attention_mask)
+
+    def _truncation_message(self, row: int, text: str, ids: list[int], max_length: int) -> str:
+        """What was dropped from a prompt of ``ids`` (``</s>`` included) cut to ``max_length``: the words as
+        written, from the first one that lost a token, and the dropped tokens' own text where it differs (a word
+        cut inside, or text the normalizer rewrote)."""
+        kept = max_length - 1  # tokens before </s>
+        spans = [match.span() for match in _WORD.finditer(text)]
+
+        def tokens(end: int) -> int:
+            return len(self.encode(text[:end])) - 1
+
+        # The first word whose end lies past the kept tokens (prefix token counts only grow with more words).
+        low, high = 0, len(spans) - 1
+        while low < high:
+            middle = (low + high) // 2
+            if tokens(spans[middle][1]) > kept:
+                high = middle
+            else:
+                low = middle + 1
+        start, first_end = spans[low]
+        words = text[start : spans[-1][1]]
+        token_text = self.decode(ids[kept:-1])
+        notes = []
+        if tokens(start) < kept:
+            notes.append(f"{text[start:first_end]!r} was cut inside")
+        if token_text != words:
+            notes.append(f"the dropped tokens read {token_text!r}")
+        return (
+            f"prompt {row} has {len(ids)} tokens but max_length={max_length}: the end of it was dropped: {words!r}"
+            + (f" ({'; '.join(notes)})" if notes else "")
+            + f". Shorten the prompt: the model reads {kept} token{'s' if kept > 1 else ''} and </s>."
+        )
+
+
+def _demo_prompt_check(folder: Path, vocab: UnigramVocab) -> Callable[[Sequence[str]], None] | None:
+    """The bundled demo model's check of its prompts' words; None for any other tokenizer folder."""
+    from ..demo import DEMO_MODEL  # imported here: the text package does not depend on the demo otherwise
+
+    if folder.resolve() != (DEMO_MODEL / "tokenizer").resolve():
+        return None
+    from ..demo.prompts import warn_unknown_words
+
+    return functools.partial(warn_unknown_words, normalize=vocab.normalize)

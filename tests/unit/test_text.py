@@ -14,7 +14,7 @@ from cogvideox.configs import T5Config
 from cogvideox.ops import use_attention_backend
 from cogvideox.text.t5 import _clamp_float16, read_t5_config, relative_position_buckets
 from cogvideox.text.tokenizer import split_words
-from cogvideox.text.vocab import _parse_sentencepiece
+from cogvideox.text.vocab import UnigramVocab, _parse_sentencepiece
 from tests.helpers import randomize_, rel_err, train_t5_spiece
 
 sentencepiece = pytest.importorskip("sentencepiece")
@@ -96,6 +96,58 @@ def test_truncation_keeps_eos_and_warns_with_dropped_text(tokenizer, caplog):
     assert out.input_ids[0].tolist() == full[:3] + [1]
     assert out.attention_mask[0].tolist() == [1, 1, 1, 1]
     assert "lazy dog" in caplog.text and f"has {len(full)} tokens but max_length=4" in caplog.text
+
+
+def _word_tokenizer(normalize=str) -> T5Tokenizer:
+    """A hand-made vocabulary: "the" and "dog" are whole-word pieces, every other word is spelled out in letters."""
+    pieces = ("<pad>", "</s>", "<unk>", "\u2581", "\u2581the", "\u2581dog", *"abcdefghijklmnopqrstuvwxyz")
+    scores = (0.0, 0.0, 0.0, -2.0, -1.0, -1.0, *[-3.0] * 26)
+    vocab = UnigramVocab(pieces=pieces, scores=scores, unk_id=2, added_tokens={"<pad>": 0, "</s>": 1, "<unk>": 2},
+                         normalize=normalize, model_max_length=None, source="test")  # fmt: skip
+    return T5Tokenizer(vocab)
+
+
+@pytest.mark.parametrize(
+    ("max_length", "message"),
+    [
+        # "plays" is "▁ p l a y s": 2 of its tokens kept, so the word is quoted whole, its cut noted.
+        (6, "prompt 0 has 15 tokens but max_length=6: the end of it was dropped: 'plays piano' ('plays' was cut "
+            "inside; the dropped tokens read 'ays piano'). Shorten the prompt: the model reads 5 tokens and </s>."),
+        # Only its "▁" kept: the dropped tokens spell the whole word.
+        (4, "prompt 0 has 15 tokens but max_length=4: the end of it was dropped: 'plays piano' ('plays' was cut "
+            "inside). Shorten the prompt: the model reads 3 tokens and </s>."),
+        (3, "prompt 0 has 15 tokens but max_length=3: the end of it was dropped: 'plays piano'. Shorten the "
+            "prompt: the model reads 2 tokens and </s>."),
+        (2, "prompt 0 has 15 tokens but max_length=2: the end of it was dropped: 'dog plays piano'. Shorten the "
+            "prompt: the model reads 1 token and </s>."),
+    ],
+)  # fmt: skip
+def test_truncation_warning_names_whole_words(max_length, message, caplog):
+    tokenizer = _word_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="cogvideox.text.tokenizer"):
+        out = tokenizer("the dog plays piano", max_length=max_length)
+    assert caplog.messages == [message]
+    assert out.input_ids[0].tolist() == tokenizer.encode("the dog plays piano")[: max_length - 1] + [1]
+
+
+def test_truncation_warning_quotes_the_words_as_written(caplog):
+    """Text the normalizer rewrote is quoted as the prompt has it, with the dropped tokens' text beside it."""
+    tokenizer = _word_tokenizer(normalize=str.lower)
+    with caplog.at_level(logging.WARNING, logger="cogvideox.text.tokenizer"):
+        tokenizer("The DOG\tPlays  PIANO\n", max_length=3)
+    assert caplog.messages == [
+        "prompt 0 has 15 tokens but max_length=3: the end of it was dropped: 'Plays  PIANO' (the dropped tokens "
+        "read 'plays piano'). Shorten the prompt: the model reads 2 tokens and </s>."
+    ]
+
+
+def test_check_prompts_sees_every_call_before_tokenizing(tokenizer_folder):
+    seen = []
+    tokenizer = T5Tokenizer(T5Tokenizer.from_pretrained(tokenizer_folder).vocab, check_prompts=seen.append)
+    tokenizer("a dog", max_length=4)
+    tokenizer(["the fox", ""], max_length=4)
+    assert seen == [["a dog"], ["the fox", ""]]
+    assert T5Tokenizer.from_pretrained(tokenizer_folder).check_prompts is None  # only the bundled demo's has one
 
 
 def test_decode_round_trips_plain_text(tokenizer):
