@@ -90,6 +90,29 @@ def _non_empty(text: str) -> str:
     return text
 
 
+# Still images a user passes with --image; anything else (mp4, gif, webp, ...) is read as a video.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _generate_type(image_to_video: bool, input_path: str | None) -> str:
+    """t2v, i2v or v2v from the checkpoint and the input file's type, as the Python API decides it from
+    ``image=`` / ``video=``: an image goes to image-to-video, which needs an I2V checkpoint."""
+    is_image = input_path is not None and Path(input_path).suffix.lower() in IMAGE_SUFFIXES
+    if image_to_video:
+        if input_path is not None and not is_image:
+            raise ValueError(
+                f"{input_path}: this is an image-to-video checkpoint, which starts from an image "
+                f"({', '.join(IMAGE_SUFFIXES)}); for video-to-video use a text-to-video checkpoint"
+            )
+        return "i2v"
+    if is_image:
+        raise ValueError(
+            f"{input_path} is an image: image-to-video needs an I2V checkpoint (--model THUDM/CogVideoX-5b-I2V or "
+            "THUDM/CogVideoX1.5-5B-I2V); this one is text-to-video (give a video for video-to-video, or no file)"
+        )
+    return "v2v" if input_path is not None else "t2v"
+
+
 def _non_negative_float(text: str) -> float:
     value = _finite_float(text)
     if value < 0:
@@ -329,9 +352,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         pipe.vae.enable_slicing()
 
     has_input = args.input_path is not None
-    kind = args.generate_type
-    if kind is None:
-        kind = "i2v" if pipe.image_to_video else "v2v" if has_input else "t2v"
+    kind = args.generate_type or _generate_type(pipe.image_to_video, args.input_path)
     if kind in ("i2v", "v2v") and not has_input:
         raise ValueError(f"--generate-type {kind} needs --image-or-video-path")
     if kind == "t2v" and has_input:

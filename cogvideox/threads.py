@@ -1,16 +1,17 @@
 """How many CPU threads a pipeline call uses for its own work.
 
-A tiny model (the bundled demo: a 128-wide, 6-layer transformer over 60 tokens) gains nothing from a second
-intra-op thread: each product is a few microseconds of work, and the threads' start and join cost more. On a busy
-machine it loses a lot, because every parallel region waits for its slowest thread, and a thread that was
-descheduled stalls all of them. benchmarks/threads.py measured this on a 2-core CPU. At idle, the demo call took
-about the same with one thread or two. With the cores busy, one thread was several times faster. From a few
-GFLOP per transformer pass on, two threads win again.
+A tiny model (the bundled demo: a 128-wide, 6-layer transformer over 60 tokens, 0.31 GFLOP a guided pass) gains
+nothing from a second intra-op thread over a whole call, and loses a lot on a busy machine: every parallel region
+waits for its slowest thread, and a descheduled thread stalls all of them. Measured by benchmarks/threads.py on a
+2-core AMD EPYC (benchmarks/RESULTS.md, "Threads"), for a 50-step demo call:
+- idle: 0.85 s on one thread, 0.82 s on two;
+- with both cores kept busy: 1.31 s on one thread, 3.12 s on two (median; worst of five 1.35 s against 7.05 s).
 
-So a call on the CPU whose transformer pass is below :data:`SMALL_PASS_FLOPS` runs with one intra-op thread, set
-for the call and restored afterwards. The process's setting (``torch.set_num_threads``) is the caller's again when
-the call returns. Set ``Pipeline.cpu_threads`` to an int to force a count, or to ``"all"`` to keep the process's
-setting.
+From 1.45 GFLOP a pass (a 256-wide, 4-layer model) a pass alone runs 1.45x faster on two threads, and up to 1.74x
+on larger ones. So a CPU call whose transformer pass is below :data:`SMALL_PASS_FLOPS` (1 GFLOP) runs with one
+intra-op thread, set for the call and restored afterwards. When the call returns, the process's setting
+(``torch.set_num_threads``) is the caller's again. ``Pipeline.cpu_threads`` forces a count (an int), or keeps the
+process's setting (``"all"``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 import torch
 
 #: FLOPs of one transformer pass (guidance batch included) below which a CPU call runs on one intra-op thread
-SMALL_PASS_FLOPS = 2e9
+SMALL_PASS_FLOPS = 1e9
 
 
 def pass_flops(width: int, layers: int, tokens: int, batch: int) -> float:

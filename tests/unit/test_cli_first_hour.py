@@ -417,3 +417,22 @@ def test_public_names_import_as_before():
     assert all(name in dir(cogvideox) for name in names)
     with pytest.raises(AttributeError, match="module 'cogvideox' has no attribute 'Pipelin'"):
         cogvideox.Pipelin  # noqa: B018
+
+
+def test_the_mode_follows_the_file_type_and_the_checkpoint(tmp_path, capsys):
+    from PIL import Image
+
+    from cogvideox.cli import _generate_type, main
+
+    assert _generate_type(False, None) == "t2v"
+    assert _generate_type(False, "clip.mp4") == "v2v"
+    assert _generate_type(True, "photo.JPG") == "i2v"
+    with pytest.raises(ValueError, match="clip.mp4: this is an image-to-video checkpoint, which starts from an"):
+        _generate_type(True, "clip.mp4")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
+    code = main(["generate", "--prompt", "a red circle moves up", "--image", str(image),
+                 "--output", str(tmp_path / "out.mp4"), "--quiet"])  # fmt: skip
+    assert code == 2
+    assert "red.png is an image: image-to-video needs an I2V checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out.mp4").exists()
