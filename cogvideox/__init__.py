@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
+    from .display import show
     from .io import load_image, load_video, save_video
     from .ops import set_attention_backend
     from .pipeline import Pipeline, PipelineOutput
@@ -28,6 +29,7 @@ _SOURCES = {
     "load_image": ".io",
     "load_video": ".io",
     "save_video": ".io",
+    "show": ".display",
     "DDIMSampler": ".samplers",
     "DPMSampler": ".samplers",
     "T5Encoder": ".text",
@@ -52,6 +54,7 @@ __all__ = [
     "VAE",
     "make_sampler",
     "set_attention_backend",
+    "show",
 ]
 
 

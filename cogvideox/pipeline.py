@@ -33,6 +33,7 @@ from .loading import PIPELINE_FILES, check_dtype, is_image_to_video, resolve_pre
 from .memory import MemoryPlan
 from .processing import image_to_tensor, postprocess_video, video_to_tensor
 from .protocols import Sampler, check_sampler
+from .request import default_fps
 from .samplers import choose_sampler, randn
 from .samplers.noise import Generator
 from .switches import PipelineSwitches, fail_together_when_parallel
@@ -48,9 +49,28 @@ logger = logging.getLogger(__name__)
 class PipelineOutput:
     """``frames``: ``np`` ``[B, F, H, W, 3]`` floats in [0, 1]; ``pt`` ``[B, F, 3, H, W]``; ``pil`` a list of
     lists of PIL images; ``latent`` the final latents ``[B, F', C, H/8, W/8]`` (1.5: with the leading pad frame,
-    as the reference returns them)."""
+    as the reference returns them).
+
+    In Jupyter, an output that ends a cell shows its videos inline, each with its prompt (:func:`cogvideox.show`);
+    ``fps`` is the model's (8 for 1.0, 16 for 1.5) and ``prompts`` the prompt of each video (None: embeddings)."""
 
     frames: Any
+    fps: int = 8
+    prompts: list[str] | None = None
+
+    def _repr_html_(self) -> str | None:
+        """The videos as HTML (None for latents, or for the ranks that get no frames under parallel inference:
+        Jupyter then shows the plain repr)."""
+        if self.frames is None or self.output_is_latent():
+            return None
+        from .display import show
+
+        return show(self.frames, fps=self.fps, prompts=self.prompts)._repr_html_()
+
+    def output_is_latent(self) -> bool:
+        """True when ``frames`` holds latents (``output_type="latent"``: 16 channels, not pixels)."""
+        frames = self.frames
+        return isinstance(frames, torch.Tensor) and frames.ndim == 5 and frames.shape[2] not in (1, 3)
 
 
 class Pipeline(PipelineSwitches):
@@ -456,7 +476,10 @@ class Pipeline(PipelineSwitches):
                 if self.step_cache is not None:
                     self.step_cache.end_call()
                 self.memory.release()  # components go back to the host even when a step fails
-            return PipelineOutput(frames=frames) if return_dict else (frames,)
+            if not return_dict:
+                return (frames,)
+            prompts = None if req.prompts is None else [p for p in req.prompts for _ in range(per_prompt)]
+            return PipelineOutput(frames=frames, fps=default_fps(self.transformer.config), prompts=prompts)
 
     def _pass_flops(self, req: request.Request) -> float:
         """FLOPs of one transformer pass of this call (guidance batch included), for the thread rule."""
