@@ -33,7 +33,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..text.tokenizer import METASPACE
-from ..text.vocab import _parse_sentencepiece, encode_varint
+from ..text.vocab import encode_varint, parse_sentencepiece
 
 WORD_SCORE = -2.0  # log-probability of each whole-word piece; characters score about -2 to -5 each
 BASE_RULES = "nmt_nfkc_cf"  # sentencepiece's builtin NFKC + case folding (+ its control-character and space rules)
@@ -90,7 +90,7 @@ def normalization_rules() -> dict[str, str]:
     spec = sentencepiece.SentencePieceNormalizer(rule_name=BASE_RULES).serialized_model_proto()
     rules = {
         key: _PUNCTUATION_RUN.sub(" ", value)
-        for key, value in decompile_charsmap(_parse_sentencepiece(spec).charsmap).items()
+        for key, value in decompile_charsmap(parse_sentencepiece(spec).charsmap).items()
     }
     rules.update(dict.fromkeys(PUNCTUATION, " "))
     return {key: value for key, value in rules.items() if key != value}  # sentencepiece refuses identity rules

@@ -120,7 +120,7 @@ _WHITESPACE_HANDLING_OFF = b"\x18\x00\x20\x00\x28\x00"
 
 
 @dataclasses.dataclass(frozen=True)
-class _SentencePieceModel:
+class SentencePieceModel:
     pieces: list[str]
     scores: list[float]
     types: list[int]
@@ -129,7 +129,7 @@ class _SentencePieceModel:
     charsmap: bytes
 
 
-def _parse_sentencepiece(data: bytes) -> _SentencePieceModel:
+def parse_sentencepiece(data: bytes) -> SentencePieceModel:
     """The parts of a sentencepiece ``ModelProto`` the tokenizer uses (field numbers from sentencepiece_model.proto)."""
     pieces: list[str] = []
     scores: list[float] = []
@@ -158,7 +158,7 @@ def _parse_sentencepiece(data: bytes) -> _SentencePieceModel:
             for sub_number, sub_wire, sub_value in _fields(value):
                 if sub_number == 2 and sub_wire == 2:
                     charsmap = sub_value
-    return _SentencePieceModel(pieces, scores, types, unk_id, model_type, charsmap)
+    return SentencePieceModel(pieces, scores, types, unk_id, model_type, charsmap)
 
 
 # ----------------------------------------------------------------------------------------------- normalizer
@@ -201,7 +201,7 @@ def _sentinels(extra_ids: int, first_id: int) -> dict[str, int]:
 
 def _from_sentencepiece(path: Path, extra_ids: int) -> tuple[list[str], list[float], int, dict[str, int], bytes | None]:
     try:
-        model = _parse_sentencepiece(path.read_bytes())
+        model = parse_sentencepiece(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not a sentencepiece model file: {err}") from err
     if not model.pieces:

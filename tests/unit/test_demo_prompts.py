@@ -12,7 +12,7 @@ import pytest
 from cogvideox import T5Tokenizer
 from cogvideox.demo import DEMO_MODEL, data, model_configs, prompts
 from cogvideox.demo.tokenizer import PUNCTUATION, decompile_charsmap, normalization_rules, train_tokenizer
-from cogvideox.text.vocab import _parse_sentencepiece
+from cogvideox.text.vocab import parse_sentencepiece
 
 sentencepiece = pytest.importorskip("sentencepiece")
 
@@ -88,8 +88,8 @@ def test_retraining_rebuilds_the_bundled_tokenizer(tmp_path):
     """`python -m cogvideox.demo.train` writes the same pieces, scores and character map as the committed file
     (the file differs only in the temporary paths sentencepiece records)."""
     train_tokenizer(tmp_path, data.captions(), max_length=model_configs.TEXT_LENGTH)
-    built = _parse_sentencepiece((tmp_path / "spiece.model").read_bytes())
-    bundled = _parse_sentencepiece((DEMO_MODEL / "tokenizer" / "spiece.model").read_bytes())
+    built = parse_sentencepiece((tmp_path / "spiece.model").read_bytes())
+    bundled = parse_sentencepiece((DEMO_MODEL / "tokenizer" / "spiece.model").read_bytes())
     assert built == bundled
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config == json.loads((DEMO_MODEL / "tokenizer" / "tokenizer_config.json").read_text())
@@ -108,7 +108,7 @@ def test_decompiled_charsmap_equals_sentencepieces_own(rule_name):
     normalizer = sentencepiece.SentencePieceNormalizer(rule_name=rule_name)
     if not hasattr(normalizer, "decompile"):
         pytest.skip("this sentencepiece has no SentencePieceNormalizer.decompile to compare with")
-    charsmap = _parse_sentencepiece(normalizer.serialized_model_proto()).charsmap
+    charsmap = parse_sentencepiece(normalizer.serialized_model_proto()).charsmap
     assert decompile_charsmap(charsmap) == dict(normalizer.decompile())
 
 

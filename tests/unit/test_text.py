@@ -14,7 +14,7 @@ from cogvideox.configs import T5Config
 from cogvideox.ops import use_attention_backend
 from cogvideox.text.t5 import _clamp_float16, read_t5_config, relative_position_buckets
 from cogvideox.text.tokenizer import split_words
-from cogvideox.text.vocab import UnigramVocab, _parse_sentencepiece
+from cogvideox.text.vocab import UnigramVocab, parse_sentencepiece
 from tests.helpers import randomize_, rel_err, train_t5_spiece
 
 sentencepiece = pytest.importorskip("sentencepiece")
@@ -37,7 +37,7 @@ def tokenizer(tokenizer_folder):
 
 def test_protobuf_reader_agrees_with_sentencepiece(tokenizer_folder):
     path = tokenizer_folder / "spiece.model"
-    model = _parse_sentencepiece(path.read_bytes())
+    model = parse_sentencepiece(path.read_bytes())
     sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     assert model.pieces == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     assert model.scores == [sp.get_score(i) for i in range(sp.get_piece_size())]
