@@ -409,7 +409,8 @@ def test_help_exits_before_torch_is_imported():
 
 def test_public_names_import_as_before():
     names = ["Pipeline", "PipelineOutput", "load_image", "load_video", "save_video", "DDIMSampler", "DPMSampler",
-             "T5Encoder", "T5Tokenizer", "Transformer", "VAE", "make_sampler", "set_attention_backend"]  # fmt: skip
+             "T5Encoder", "T5Tokenizer", "Transformer", "VAE", "make_sampler", "set_attention_backend",
+             "show"]  # fmt: skip
     assert cogvideox.__all__ == names and set(cogvideox._SOURCES) == set(names)
     assert python(f"from cogvideox import {', '.join(names)}; from cogvideox import *; print(Pipeline.__name__)") == (
         "Pipeline\n"
