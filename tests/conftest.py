@@ -17,3 +17,14 @@ def _deterministic_torch():
     """Every test starts from the same global seed and single-thread-free defaults it may rely on."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    """The bundled demo model's pipeline, loaded once per test module (under a second), progress bars off. Tests
+    that switch something on (a cache, offload, a LoRA) switch it off again."""
+    from cogvideox import Pipeline
+
+    pipe = Pipeline.from_pretrained()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from cogvideox import Pipeline, T5Tokenizer, load_video
@@ -20,13 +19,6 @@ from cogvideox.demo import DEMO_MODEL, data
 from cogvideox.demo.evaluate import describe
 
 SEEDS = (0, 1)
-
-
-@pytest.fixture(scope="module")
-def demo_pipe() -> Pipeline:
-    pipe = Pipeline.from_pretrained()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_prompts_cover_every_word():

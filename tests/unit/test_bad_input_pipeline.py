@@ -17,22 +17,15 @@ from torch import nn
 from cogvideox import Pipeline
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    ours = Pipeline.from_pretrained()
-    ours.set_progress_bar_config(disable=True)
-    return ours
-
-
 @pytest.fixture
-def no_model_runs(pipe, monkeypatch):
+def no_model_runs(demo_pipe, monkeypatch):
     """Any module call fails loudly: the checks must come first."""
 
     def forbidden(self, *args, **kwargs):
         raise AssertionError(f"{type(self).__name__} ran before the arguments were checked")
 
     monkeypatch.setattr(nn.Module, "__call__", forbidden)
-    return pipe
+    return demo_pipe
 
 
 @pytest.mark.parametrize(
@@ -81,12 +74,12 @@ def test_bad_step_count_fails_before_the_text_encoder(no_model_runs):
         no_model_runs("a red circle moves up", num_inference_steps=0)
 
 
-def test_numpy_integers_are_sizes(pipe):
+def test_numpy_integers_are_sizes(demo_pipe):
     """height=np.int64(32) is an integer: it runs (and gives what height=32 gives)."""
     run = {"num_inference_steps": 2, "output_type": "latent"}
-    ours = pipe("a red circle moves up", height=np.int64(32), width=np.int32(32), num_frames=np.int64(9),
+    ours = demo_pipe("a red circle moves up", height=np.int64(32), width=np.int32(32), num_frames=np.int64(9),
                 generator=torch.Generator().manual_seed(0), **run).frames  # fmt: skip
-    plain = pipe("a red circle moves up", height=32, width=32, num_frames=9,
+    plain = demo_pipe("a red circle moves up", height=32, width=32, num_frames=9,
                  generator=torch.Generator().manual_seed(0), **run).frames  # fmt: skip
     assert torch.equal(ours, plain)
 
@@ -143,26 +136,26 @@ def test_negative_prompts_are_checked_before_any_model_runs(no_model_runs):
         no_model_runs(prompt=None, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros(2, 12, 64))
 
 
-def test_a_transformer_with_another_conditioning_is_refused(pipe):
+def test_a_transformer_with_another_conditioning_is_refused(demo_pipe):
     """CogVideoX-Fun control / inpainting transformers take more input channels than noise (+ image): refused
     when the pipeline is built, not inside the first transformer pass."""
     import dataclasses
 
-    config = pipe.transformer.config
+    config = demo_pipe.transformer.config
     wide = dataclasses.replace(config, in_channels=3 * config.output_channels)
     fake = type("Wide", (), {"config": wide})()
     with pytest.raises(ValueError, match=r"takes 24 input channels for 8 output channels; a text-to-video pipeline"):
-        Pipeline(fake, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.sampler)
+        Pipeline(fake, demo_pipe.vae, demo_pipe.text_encoder, demo_pipe.tokenizer, demo_pipe.sampler)
 
 
-def test_components_need_not_be_modules_and_prompt_embeds_need_no_text_encoder(pipe):
+def test_components_need_not_be_modules_and_prompt_embeds_need_no_text_encoder(demo_pipe):
     """A pipeline without text encoder or tokenizer runs from prompt embeddings (the oneDNN swap skips them)."""
-    embeds = pipe.encode_text(["a red circle moves up"])
-    negative = pipe.encode_text([""])
-    bare = Pipeline(pipe.transformer, pipe.vae, None, None, pipe.sampler)
+    embeds = demo_pipe.encode_text(["a red circle moves up"])
+    negative = demo_pipe.encode_text([""])
+    bare = Pipeline(demo_pipe.transformer, demo_pipe.vae, None, None, demo_pipe.sampler)
     bare.set_progress_bar_config(disable=True)
     run = {"num_inference_steps": 2, "output_type": "latent"}
     gen = torch.Generator().manual_seed(0)
     ours = bare(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=gen, **run)
-    full = pipe("a red circle moves up", generator=torch.Generator().manual_seed(0), **run)
+    full = demo_pipe("a red circle moves up", generator=torch.Generator().manual_seed(0), **run)
     assert torch.equal(ours.frames, full.frames)

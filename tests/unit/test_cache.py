@@ -39,16 +39,9 @@ NEVER = {
 }
 
 
-@pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    pipe = Pipeline.from_pretrained()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generate(pipe: Pipeline, prompt="a red circle moves to the right", seed: int = 0, **kwargs) -> np.ndarray:
+def generate(demo_pipe: Pipeline, prompt="a red circle moves to the right", seed: int = 0, **kwargs) -> np.ndarray:
     kwargs = {"num_inference_steps": STEPS, "output_type": "np", **kwargs}
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).frames
+    return demo_pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).frames
 
 
 def skipped(stats) -> int:
@@ -56,48 +49,48 @@ def skipped(stats) -> int:
 
 
 @pytest.fixture(scope="module")
-def uncached(pipe) -> np.ndarray:
-    return generate(pipe)
+def uncached(demo_pipe) -> np.ndarray:
+    return generate(demo_pipe)
 
 
 @pytest.mark.parametrize("method", list(CACHE_METHODS))
-def test_never_skip_setting_gives_bitwise_the_uncached_frames(pipe, uncached, method):
-    cache = pipe.enable_cache(method, **NEVER[method])
+def test_never_skip_setting_gives_bitwise_the_uncached_frames(demo_pipe, uncached, method):
+    cache = demo_pipe.enable_cache(method, **NEVER[method])
     try:
-        frames = generate(pipe)
+        frames = generate(demo_pipe)
     finally:
-        pipe.disable_cache()
+        demo_pipe.disable_cache()
     assert skipped(cache.stats) == 0
     assert np.array_equal(frames, uncached)
 
 
 @pytest.mark.parametrize("method", list(CACHE_METHODS))
-def test_skipping_setting_skips_and_each_call_starts_clean(pipe, uncached, method):
-    cache = pipe.enable_cache(method, **SKIPPING[method])
+def test_skipping_setting_skips_and_each_call_starts_clean(demo_pipe, uncached, method):
+    cache = demo_pipe.enable_cache(method, **SKIPPING[method])
     try:
-        first = generate(pipe)
+        first = generate(demo_pipe)
         stats = dict(cache.stats)
-        generate(pipe, prompt="a blue square moves up", seed=3)  # leaves its state behind
-        again = generate(pipe)
+        generate(demo_pipe, prompt="a blue square moves up", seed=3)  # leaves its state behind
+        again = generate(demo_pipe)
     finally:
-        pipe.disable_cache()
+        demo_pipe.disable_cache()
     assert skipped(stats) > 0, stats
     assert dict(cache.stats) == stats  # counters are per call
     assert np.array_equal(first, again)
     assert not np.array_equal(first, uncached)
-    assert np.array_equal(generate(pipe), uncached)  # disable_cache() restores the model
-    assert all("forward" not in m.__dict__ for m in pipe.transformer.modules())
-    assert pipe.transformer.step_cache is None
+    assert np.array_equal(generate(demo_pipe), uncached)  # disable_cache() restores the model
+    assert all("forward" not in m.__dict__ for m in demo_pipe.transformer.modules())
+    assert demo_pipe.transformer.step_cache is None
 
 
 @pytest.mark.parametrize("method", ["teacache", "first_block", "faster", "mag"])
-def test_batches_of_prompts_and_videos_per_prompt(pipe, method):
-    cache = pipe.enable_cache(method, **SKIPPING[method])
+def test_batches_of_prompts_and_videos_per_prompt(demo_pipe, method):
+    cache = demo_pipe.enable_cache(method, **SKIPPING[method])
     try:
         prompts = ["a red circle moves to the right", "a green square moves down"]
-        frames = generate(pipe, prompts, num_videos_per_prompt=2)
+        frames = generate(demo_pipe, prompts, num_videos_per_prompt=2)
     finally:
-        pipe.disable_cache()
+        demo_pipe.disable_cache()
     assert frames.shape[0] == 4 and np.isfinite(frames).all()
     assert skipped(cache.stats) > 0
 
@@ -164,14 +157,14 @@ def test_cache_spec_parsing():
         ("taylorseer", {"cache_identifiers": ["nothing"]}, ValueError, "no module name matches"),
     ],
 )
-def test_bad_options_fail_at_enable_cache_and_change_nothing(pipe, method, options, error, message):
-    before = pipe.enable_cache("first_block", threshold=0.1)
+def test_bad_options_fail_at_enable_cache_and_change_nothing(demo_pipe, method, options, error, message):
+    before = demo_pipe.enable_cache("first_block", threshold=0.1)
     try:
         with pytest.raises(error, match=message):
-            pipe.enable_cache(method, **options)
-        assert pipe.step_cache is before and pipe.transformer.step_cache is before
+            demo_pipe.enable_cache(method, **options)
+        assert demo_pipe.step_cache is before and demo_pipe.transformer.step_cache is before
     finally:
-        pipe.disable_cache()
+        demo_pipe.disable_cache()
 
 
 def test_teacache_picks_the_published_polynomial_for_a_published_config():
@@ -188,54 +181,54 @@ def test_faster_cache_refuses_one_guidance_branch_per_rank():
 
 
 @pytest.mark.parametrize("method", ["first_block", "pab", "taylorseer"])
-def test_caches_run_the_loaded_lora(pipe, tmp_path, method):
+def test_caches_run_the_loaded_lora(demo_pipe, tmp_path, method):
     from tests.unit.test_lora import lora_tensors, write
 
-    dim = pipe.transformer.config.inner_dim
-    lora = write(tmp_path / "lora.safetensors", lora_tensors(num_layers=len(pipe.transformer.transformer_blocks),
+    dim = demo_pipe.transformer.config.inner_dim
+    lora = write(tmp_path / "lora.safetensors", lora_tensors(num_layers=len(demo_pipe.transformer.transformer_blocks),
                                                               dim=dim, seed=5))  # fmt: skip
-    plain = generate(pipe)
-    pipe.load_lora(lora)
+    plain = generate(demo_pipe)
+    demo_pipe.load_lora(lora)
     try:
-        with_lora = generate(pipe)
-        pipe.enable_cache(method, **NEVER[method])
-        assert np.array_equal(generate(pipe), with_lora)  # nothing skipped: exactly the LoRA's frames
-        cache = pipe.enable_cache(method, **SKIPPING[method])
-        cached = generate(pipe)
+        with_lora = generate(demo_pipe)
+        demo_pipe.enable_cache(method, **NEVER[method])
+        assert np.array_equal(generate(demo_pipe), with_lora)  # nothing skipped: exactly the LoRA's frames
+        cache = demo_pipe.enable_cache(method, **SKIPPING[method])
+        cached = generate(demo_pipe)
         assert skipped(cache.stats) > 0
         if method == "taylorseer":  # a cache on layers a LoRA wraps follows the wrappers in (and out)
-            pipe.unload_lora()
-            cache = pipe.enable_cache(method, cache_identifiers=[r"transformer_blocks\.\d+\.attn1\.to_q"])
-            pipe.load_lora(lora)
-            generate(pipe)
+            demo_pipe.unload_lora()
+            cache = demo_pipe.enable_cache(method, cache_identifiers=[r"transformer_blocks\.\d+\.attn1\.to_q"])
+            demo_pipe.load_lora(lora)
+            generate(demo_pipe)
             assert cache.stats["modules_predicted"] > 0
-            assert all(type(m).__name__ == "LoraLinear" for n, m in pipe.transformer.named_modules()
+            assert all(type(m).__name__ == "LoraLinear" for n, m in demo_pipe.transformer.named_modules()
                        if n.endswith("to_q") and "forward" in m.__dict__)  # fmt: skip
     finally:
-        pipe.disable_cache()
-        pipe.unload_lora()
+        demo_pipe.disable_cache()
+        demo_pipe.unload_lora()
     assert not np.array_equal(with_lora, plain)
     # the adapter is what the cached blocks compute: closer to the LoRA's uncached frames than to the plain ones
     assert np.abs(cached - with_lora).mean() < np.abs(cached - plain).mean()
 
 
-def test_direct_transformer_calls_outside_a_call_run_uncached(pipe):
-    config = pipe.transformer.config
+def test_direct_transformer_calls_outside_a_call_run_uncached(demo_pipe):
+    config = demo_pipe.transformer.config
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 3, config.in_channels, 4, 4, generator=gen)
     embeds = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=gen)
     timestep = torch.tensor([500, 500])
     with torch.no_grad():
-        expected = pipe.transformer(latents, embeds, timestep)
+        expected = demo_pipe.transformer(latents, embeds, timestep)
         for method in CACHE_METHODS:
-            cache = pipe.enable_cache(method, **SKIPPING[method])
-            generate(pipe, num_inference_steps=4)
+            cache = demo_pipe.enable_cache(method, **SKIPPING[method])
+            generate(demo_pipe, num_inference_steps=4)
             assert not cache.stepping
-            assert torch.equal(pipe.transformer(latents, embeds, timestep), expected), method
-    pipe.disable_cache()
+            assert torch.equal(demo_pipe.transformer(latents, embeds, timestep), expected), method
+    demo_pipe.disable_cache()
 
 
-def test_a_forks_cache_object_plugs_in(pipe, uncached):
+def test_a_forks_cache_object_plugs_in(demo_pipe, uncached):
     from cogvideox.cache import StepCache
 
     class EveryOtherStep(StepCache):
@@ -254,13 +247,13 @@ def test_a_forks_cache_object_plugs_in(pipe, uncached):
             self.residual = (out_video - video, out_text - text)
             return out_video, out_text
 
-    cache = pipe.enable_cache(EveryOtherStep())
+    cache = demo_pipe.enable_cache(EveryOtherStep())
     try:
-        frames = generate(pipe)
+        frames = generate(demo_pipe)
     finally:
-        pipe.disable_cache()
-    blocks = len(pipe.transformer.transformer_blocks)
+        demo_pipe.disable_cache()
+    blocks = len(demo_pipe.transformer.transformer_blocks)
     assert cache.stats == {"blocks_run": blocks * STEPS // 2, "blocks_skipped": blocks * STEPS // 2}
     assert frames.shape == uncached.shape and not np.array_equal(frames, uncached)
     with pytest.raises(TypeError, match="go to the cache's constructor"):
-        pipe.enable_cache(EveryOtherStep(), threshold=1)
+        demo_pipe.enable_cache(EveryOtherStep(), threshold=1)

@@ -24,13 +24,6 @@ PROMPT = "a red circle moves to the right"
 HUB_ID = "THUDM/CogVideoX-2b"
 
 
-@pytest.fixture(scope="module")
-def demo():
-    pipe = Pipeline.from_pretrained()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture
 def no_loading(monkeypatch):
     """Loading a model fails the test: the errors below must come before minutes of loading."""
@@ -149,9 +142,9 @@ def resolve(pipe, **overrides):
         ("num_videos_per_prompt", "num_videos_per_prompt=0: must be a positive integer"),
     ],
 )
-def test_python_zero_is_an_error_not_the_default(demo, name, message, monkeypatch):
+def test_python_zero_is_an_error_not_the_default(demo_pipe, name, message, monkeypatch):
     with pytest.raises(ValueError) as caught:
-        resolve(demo, **{name: 0})
+        resolve(demo_pipe, **{name: 0})
     assert str(caught.value) == message
 
     def refuse(*args, **kwargs):
@@ -159,12 +152,12 @@ def test_python_zero_is_an_error_not_the_default(demo, name, message, monkeypatc
 
     monkeypatch.setattr(torch.nn.Module, "__call__", refuse)
     with pytest.raises(ValueError) as caught:
-        demo(PROMPT, **{name: 0})
+        demo_pipe(PROMPT, **{name: 0})
     assert str(caught.value) == message
 
 
-def test_python_none_is_the_default(demo):
-    req = resolve(demo)
+def test_python_none_is_the_default(demo_pipe):
+    req = resolve(demo_pipe)
     assert (req.num_frames, req.height, req.width, req.max_sequence_length) == (9, 32, 32, 12)
 
 
@@ -315,7 +308,7 @@ def test_help_states_the_pipelines_defaults(capsys):
         assert phrase in text
 
 
-def test_cli_and_python_give_the_same_frames_with_only_a_prompt(demo, tmp_path, monkeypatch, capsys):
+def test_cli_and_python_give_the_same_frames_with_only_a_prompt(demo_pipe, tmp_path, monkeypatch, capsys):
     written = []
 
     def record(frames, path, fps):
@@ -327,7 +320,7 @@ def test_cli_and_python_give_the_same_frames_with_only_a_prompt(demo, tmp_path, 
     assert cli.main(["generate", "--prompt", PROMPT, "--seed", "7", "--device", "cpu", "--quiet"]) == 0
     assert capsys.readouterr().out == "output.mp4\n"  # the default output, in the current folder, printed
     [(frames, path, fps)] = written
-    expected = demo(PROMPT, generator=torch.Generator().manual_seed(7), output_type="np").frames[0]
+    expected = demo_pipe(PROMPT, generator=torch.Generator().manual_seed(7), output_type="np").frames[0]
     assert path == Path("output.mp4") and fps == 8
     assert frames.shape == (9, 32, 32, 3) and np.array_equal(frames, expected)
 

@@ -13,14 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cogvideox import Pipeline, show
-
-
-@pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    pipe = Pipeline.from_pretrained()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from cogvideox import show
 
 
 def gifs(html: str) -> list[Image.Image]:
@@ -28,9 +21,9 @@ def gifs(html: str) -> list[Image.Image]:
 
 
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt"])
-def test_pipeline_output_shows_each_video_with_its_prompt(pipe, output_type):
+def test_pipeline_output_shows_each_video_with_its_prompt(demo_pipe, output_type):
     prompts = ["a red circle moves up", "a blue square moves to the left"]
-    out = pipe(prompts, output_type=output_type, num_inference_steps=4, num_videos_per_prompt=2)
+    out = demo_pipe(prompts, output_type=output_type, num_inference_steps=4, num_videos_per_prompt=2)
     html = out._repr_html_()
     images = gifs(html)
     assert len(images) == 4 and all(image.n_frames == 9 and image.size == (32, 32) for image in images)
@@ -38,10 +31,10 @@ def test_pipeline_output_shows_each_video_with_its_prompt(pipe, output_type):
     assert out.fps == 8 and out.prompts == [prompts[0], prompts[0], prompts[1], prompts[1]]
 
 
-def test_latents_and_embeddings_only_outputs(pipe):
-    assert pipe("a red circle moves up", output_type="latent", num_inference_steps=2)._repr_html_() is None
-    embeds = pipe.encode_text(["a red circle moves up"], max_sequence_length=12)
-    out = pipe(prompt_embeds=embeds, guidance_scale=1.0, output_type="np", num_inference_steps=2)
+def test_latents_and_embeddings_only_outputs(demo_pipe):
+    assert demo_pipe("a red circle moves up", output_type="latent", num_inference_steps=2)._repr_html_() is None
+    embeds = demo_pipe.encode_text(["a red circle moves up"], max_sequence_length=12)
+    out = demo_pipe(prompt_embeds=embeds, guidance_scale=1.0, output_type="np", num_inference_steps=2)
     assert out.prompts is None and "<figcaption>" not in out._repr_html_()
 
 

@@ -1,11 +1,9 @@
-"""What a notebook user reads: ``help(Pipeline.__call__)`` documents every argument, and ``repr(pipe)`` names the
+"""What a notebook user reads: ``help(Pipeline.__call__)`` documents every argument, and ``repr(demo_pipe)`` names the
 model, its dtype and device, and every switch that is on."""
 
 from __future__ import annotations
 
 import inspect
-
-import pytest
 
 from cogvideox import Pipeline
 
@@ -18,23 +16,18 @@ def test_call_docstring_documents_every_argument():
     assert len(doc.splitlines()) > 40
 
 
-@pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    return Pipeline.from_pretrained()
-
-
-def test_repr_names_model_dtype_device_and_switches(pipe):
-    assert repr(pipe).splitlines() == [
+def test_repr_names_model_dtype_device_and_switches(demo_pipe):
+    assert repr(demo_pipe).splitlines() == [
         "Pipeline(the bundled demo model: text-to-video / video-to-video, 6 layers, torch.float32, cpu)",
         "  sampler: DDIMSampler",
         "  switches: none",
     ]
-    pipe.enable_cache("first_block", threshold=0.2)
-    pipe.enable_model_cpu_offload(device="cpu")
+    demo_pipe.enable_cache("first_block", threshold=0.2)
+    demo_pipe.enable_model_cpu_offload(device="cpu")
     try:
-        assert repr(pipe).splitlines()[-1] == (
+        assert repr(demo_pipe).splitlines()[-1] == (
             "  switches: model CPU offload; step cache FirstBlockCache(threshold=0.2)"
         )
     finally:
-        pipe.disable_cpu_offload()
-        pipe.disable_cache()
+        demo_pipe.disable_cpu_offload()
+        demo_pipe.disable_cache()

@@ -11,37 +11,30 @@ from cogvideox.presets import transformer_config
 from cogvideox.threads import SMALL_PASS_FLOPS, intra_op_threads, pass_flops, threads_for_call
 
 
-@pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    pipe = Pipeline.from_pretrained()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def threads_seen(pipe: Pipeline) -> list[int]:
+def threads_seen(demo_pipe: Pipeline) -> list[int]:
     seen = []
 
     def record(_pipe, step, timestep, tensors):
         seen.append(torch.get_num_threads())
         return {}
 
-    pipe("a red circle moves up", num_inference_steps=2, output_type="latent", callback_on_step_end=record)
+    demo_pipe("a red circle moves up", num_inference_steps=2, output_type="latent", callback_on_step_end=record)
     return seen
 
 
-def test_demo_call_runs_on_one_thread_and_restores_the_process_setting(pipe):
+def test_demo_call_runs_on_one_thread_and_restores_the_process_setting(demo_pipe):
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert threads_seen(pipe) == [1, 1]
+        assert threads_seen(demo_pipe) == [1, 1]
         assert torch.get_num_threads() == 2
-        pipe.cpu_threads = "all"
-        assert threads_seen(pipe) == [2, 2]
-        pipe.cpu_threads = 3
-        assert threads_seen(pipe) == [3, 3]
+        demo_pipe.cpu_threads = "all"
+        assert threads_seen(demo_pipe) == [2, 2]
+        demo_pipe.cpu_threads = 3
+        assert threads_seen(demo_pipe) == [3, 3]
         assert torch.get_num_threads() == 2
     finally:
-        pipe.cpu_threads = None
+        demo_pipe.cpu_threads = None
         torch.set_num_threads(previous)
 
 
