@@ -13,6 +13,7 @@ import re
 import shlex
 import sys
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -48,6 +49,18 @@ def machine(device: torch.device) -> str:
 
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+def call_times(fn, repeats: int, warm_up: bool = True) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` (after one untimed call when ``warm_up``)."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs

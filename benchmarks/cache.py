@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import append_result, command_line, fill_random_, machine, markdown_table, today  # noqa: E402
+from benchmarks._common import append_result, call_times, command_line, fill_random_, machine, markdown_table, today  # noqa: E402
 from cogvideox import Pipeline, Transformer  # noqa: E402
 from cogvideox.cache import TEACACHE_COEFFICIENTS, make_cache  # noqa: E402
 from cogvideox.configs import SchedulerConfig, config_from_dict  # noqa: E402
@@ -129,14 +128,7 @@ def quality(pipe: Pipeline, steps: int, seeds: tuple[int, ...]) -> str:
 
 
 def timed(fn, repeats: int, warm_up: bool = True) -> float:
-    if warm_up:
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(call_times(fn, repeats, warm_up))
 
 
 def speed_demo(pipe: Pipeline, steps: int, repeats: int) -> str:

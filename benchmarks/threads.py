@@ -11,6 +11,7 @@ crossover in FLOPs per pass is where the rule switches.
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import statistics
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import append_result, command_line, machine, markdown_table, today  # noqa: E402
+from benchmarks._common import append_result, call_times, command_line, machine, markdown_table, today  # noqa: E402
 from cogvideox import Pipeline, Transformer  # noqa: E402
 from cogvideox.configs import TransformerConfig  # noqa: E402
 from cogvideox.threads import pass_flops  # noqa: E402
@@ -52,12 +53,7 @@ class Busy:
 
 
 def median_time(fn, repeats: int) -> tuple[float, float, float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times = call_times(fn, repeats)
     return statistics.median(times), min(times), max(times)
 
 
@@ -124,6 +120,7 @@ def pass_rows() -> list[list[str]]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     every = torch.get_num_threads()
     demo = markdown_table(
         ["machine", "threads", "demo call, s (min-max)", "`cogvideox generate` (OMP_NUM_THREADS=threads), s"],
