@@ -36,7 +36,7 @@ from benchmarks._common import append_result, command_line, fill_random_, machin
 from cogvideox import Pipeline  # noqa: E402
 from cogvideox.configs import SchedulerConfig, T5Config, VAEConfig  # noqa: E402
 from cogvideox.loading import build_on_meta  # noqa: E402
-from cogvideox.presets import TRANSFORMER_CONFIGS, transformer_config  # noqa: E402
+from cogvideox.presets import T5_XXL, TRANSFORMER_CONFIGS, transformer_config  # noqa: E402
 from cogvideox.samplers import make_sampler  # noqa: E402
 from cogvideox.text import T5Encoder, T5Tokenizer  # noqa: E402
 from cogvideox.transformer import Transformer  # noqa: E402
@@ -45,8 +45,6 @@ from cogvideox.vae import VAE  # noqa: E402
 logger = logging.getLogger("e2e")
 
 MODES = ("none", "text", "model", "sequential")
-T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-          "feed_forward_proj": "gated-gelu"}  # fmt: skip
 CPU_DEFAULTS = {"layers": 2, "text_layers": 2, "frames": 9, "height": 64, "width": 96, "steps": 2, "dtype": "float32"}
 GPU_DEFAULTS = {"layers": None, "text_layers": None, "frames": 49, "height": 480, "width": 720, "steps": 4,
                 "dtype": "bfloat16"}  # fmt: skip

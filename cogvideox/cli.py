@@ -37,6 +37,10 @@ CALL_DEFAULTS = {
 }
 
 
+# cogvideox.memory_plan.PLANS, spelled out for the same reason (the test keeps the two equal).
+MEMORY_PLANS = ("auto", "none", "text", "model", "sequential")
+
+
 class _Parser(argparse.ArgumentParser):
     """The top-level parser. argparse reports an option no subcommand knows with the top-level usage, which lists
     none of the options a user was looking for; this one reports it with the subcommand's usage."""
@@ -204,9 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=CALL_DEFAULTS["use_dynamic_cfg"],
             help="dynamic classifier-free guidance (default off, as in Python; the official cli_demo.py turns it on: "
                  "add --dynamic-cfg to match it)")  # fmt: skip
-    _option(gen, "--offload", choices=("none", "model", "sequential"), default="none",
-            help="keep weights in host memory: 'model' moves one component at a time to the device, "
-                 "'sequential' streams transformer blocks (least memory)")  # fmt: skip
+    _option(gen, "--memory", choices=MEMORY_PLANS, default=None,
+            help="where the weights live (docs/usage.md): 'auto' (default on CUDA) picks the fastest plan that fits "
+                 "the free GPU memory; 'none' keeps everything on the device, 'text' offloads the text encoder "
+                 "after encoding, 'model' moves one component at a time, 'sequential' streams transformer blocks "
+                 "(least memory)")  # fmt: skip
+    _option(gen, "--offload", choices=("none", "model", "sequential"), default=None,
+            help="the same as --memory with that mode (older spelling)")  # fmt: skip
     _option(gen, "--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
             help="decode in overlapping tiles (less memory); default: tile when the decode would not fit in the "
                  "free GPU memory")  # fmt: skip
@@ -313,11 +321,14 @@ def generate(args: argparse.Namespace) -> list[Path]:
         raise ValueError("--lora-rank needs --lora (or --lora_path): drop it, or give the LoRA file")
     device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     parallel = _parallel_config(args)
-    if parallel is not None and args.offload != "none":  # before init and minutes of loading
+    if args.memory is not None and args.offload is not None:
+        raise ValueError(f"--memory {args.memory} and --offload {args.offload}: give one of them")
+    memory = args.memory or args.offload
+    if parallel is not None and memory in ("model", "sequential"):  # before init and minutes of loading
         raise ValueError(
-            f"--offload {args.offload} with --ulysses-degree / --cfg-parallel (or under torchrun): parallel inference "
-            "is not combined with CPU offload (untested); drop --offload (each rank holds the model on its own GPU) "
-            "or run one process"
+            f"--memory/--offload {memory} with --ulysses-degree / --cfg-parallel (or under torchrun): parallel "
+            "inference is not combined with CPU offload (untested); use --memory auto, none or text (each rank holds "
+            "the model on its own GPU) or run one process"
         )
     if parallel is not None:
         from .distributed import init_from_env
@@ -329,9 +340,13 @@ def generate(args: argparse.Namespace) -> list[Path]:
     dtype_name = args.dtype if args.dtype is not None else ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     overrides = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing is not None else {}
-    # With offload the weights wait in host memory: load them there, never onto the device as a whole.
-    load_device = "cpu" if args.offload != "none" else device
-    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=load_device, sampler=args.sampler, **overrides)
+    if memory is None and device.startswith("cuda"):
+        memory = "auto"
+    # Under a memory plan the weights wait in host memory until the plan places them (after the LoRAs: sequential
+    # offload records each block's tensors).
+    load_device = "cpu" if memory is not None else device
+    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=load_device, sampler=args.sampler,
+                                    memory=None, **overrides)  # fmt: skip
     pipe.set_progress_bar_config(disable=args.quiet)
     names = _load_loras(pipe, args.lora, args.lora_scale)  # before offload: the streamer records each block's tensors
     _check_lora_rank(pipe.transformer, args.lora_rank, names, args.lora)
@@ -340,14 +355,14 @@ def generate(args: argparse.Namespace) -> list[Path]:
     if args.cache is not None:
         method, options = args.cache
         pipe.enable_cache(method, **options)
-    if args.offload == "model":
-        pipe.enable_model_cpu_offload(device)
-    elif args.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device)
+    if args.vae_tiling is False:  # before the plan, which then never counts on tiles
+        pipe.set_vae_memory_budget(auto_tiling=False)
+    if memory is not None:
+        plan = pipe.set_memory_plan(memory, device)
+        if plan is not None and not args.quiet:
+            print(plan.summary(), file=sys.stderr)
     if args.vae_tiling:
         pipe.vae.enable_tiling()
-    elif args.vae_tiling is False:
-        pipe.set_vae_memory_budget(auto_tiling=False)
     if args.vae_slicing:
         pipe.vae.enable_slicing()
 

@@ -14,10 +14,11 @@ sizes are checked against what the model can do, 1.5 video-to-video pads an odd 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ from .denoise import ModelFn, denoise, diffusers_callback
 from .distributed import ParallelConfig, ParallelInference
 from .latents import LatentCodec
 from .loading import PIPELINE_FILES, check_dtype, is_image_to_video, resolve_pretrained
-from .memory import MemoryPlan
+from .memory import MemoryManager
+from .memory_plan import CallSize, check_plan_name
 from .processing import image_to_tensor, postprocess_video, video_to_tensor
 from .protocols import Sampler, check_sampler
 from .request import default_fps
@@ -111,7 +113,7 @@ class Pipeline(PipelineSwitches):
             )
         self.progress_bar_config: dict[str, Any] = {}
         self._interrupt = False
-        self.memory = MemoryPlan()
+        self.memory = MemoryManager()
         self.parallel: ParallelInference | None = None  # see enable_parallel
         self.step_cache: StepCache | None = None  # see enable_cache
         self.set_cpu_linear("onednn")  # faster float32 CPU products; the same F.linear elsewhere (set_cpu_linear)
@@ -134,6 +136,7 @@ class Pipeline(PipelineSwitches):
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
         text_encoder_offload: bool | None = None,
+        memory: str | None = None,
         parallel: ParallelConfig | None = None,
         **sampler_overrides: Any,
     ) -> Pipeline:
@@ -149,12 +152,18 @@ class Pipeline(PipelineSwitches):
                 :class:`cogvideox.protocols.Sampler` methods, e.g. a fork's flow-matching sampler); default the
                 class the checkpoint's ``scheduler_config.json`` names.
             transformer, vae, text_encoder, tokenizer: ready components used instead of loading those.
-            text_encoder_offload: keep the text encoder in host memory between encodes (see
-                :meth:`enable_text_encoder_offload`); default: on when ``device`` is a CUDA device.
+            memory: where the components live (docs/usage.md, "Memory plan"): ``"auto"`` (the default on CUDA)
+                picks the fastest plan whose estimated peak fits the free GPU memory and re-checks it at each call;
+                ``"none"`` (everything resident), ``"text"`` (the text encoder visits the GPU to encode),
+                ``"model"`` or ``"sequential"`` (CPU offload) forces one. With a plan the weights load into host
+                memory first and move as the plan says; ``pipe.memory_plan`` shows it. Default elsewhere: no plan,
+                everything on ``device``.
+            text_encoder_offload: ``True`` is ``memory="text"``, ``False`` is ``memory="none"`` (older spelling).
             parallel: run on several processes (torchrun; see :meth:`enable_parallel` and docs/distributed.md).
             sampler_overrides: scheduler config fields to change, e.g. ``timestep_spacing="trailing"`` (not with
                 a sampler object: configure that one yourself).
         """
+        memory = _memory_setting(memory, text_encoder_offload, torch.device(device))
         demo = path_or_hub_id is None
         if demo:
             from .demo import demo_model_path
@@ -167,19 +176,18 @@ class Pipeline(PipelineSwitches):
         # Everything that can be refused is checked before any weights load.
         image_to_video = is_image_to_video(root)  # model_index.json; None: inferred from the transformer
         sampler = choose_sampler(sampler, root / "scheduler", **sampler_overrides)
-        components = {"dtype": check_dtype(dtype), "device": device}
+        # Under a plan the weights wait in host memory until the plan places them (never all at once on the GPU).
+        components = {"dtype": check_dtype(dtype), "device": device if memory is None else "cpu"}
         transformer = transformer or Transformer.from_pretrained(root / "transformer", **components)
         vae = vae or VAE.from_pretrained(root / "vae", **components)
         text_encoder = text_encoder or T5Encoder.from_pretrained(root / "text_encoder", **components)
         tokenizer = tokenizer or T5Tokenizer.from_pretrained(root / "tokenizer")
         pipe = cls(transformer, vae, text_encoder, tokenizer, sampler, image_to_video=image_to_video)
         pipe.source = "the bundled demo model" if demo else str(path_or_hub_id)
-        if text_encoder_offload is None:
-            text_encoder_offload = torch.device(device).type == "cuda"
-        if text_encoder_offload:
-            pipe.enable_text_encoder_offload(device)
-        if parallel is not None:
+        if parallel is not None:  # first: the plan then keeps to the modes parallel inference allows
             pipe.enable_parallel(parallel)
+        if memory is not None:
+            pipe.set_memory_plan(memory, device)
         return pipe
 
     def __repr__(self) -> str:
@@ -194,7 +202,10 @@ class Pipeline(PipelineSwitches):
             f"  sampler: {type(self.sampler).__name__}",
         ]
         switches = []
-        if self.memory.mode is not None:
+        if self.memory.setting is not None:
+            plan = self.memory.plan
+            switches.append(f"memory plan {self.memory.setting!r}" + (f" ({plan.mode})" if plan is not None else ""))
+        elif self.memory.mode is not None:
             switches.append(f"{self.memory.mode} CPU offload")
         adapters = loaded_adapters(self.transformer) if isinstance(self.transformer, torch.nn.Module) else {}
         if adapters:
@@ -293,7 +304,8 @@ class Pipeline(PipelineSwitches):
         self.memory.activate("vae")
         codec = self.latent_codec
         encoded = torch.cat([
-            codec.encode_image(image_to_tensor(img, req.height, req.width)[None], _nth(generator, i), dtype=self.dtype)
+            self._encode_fitting(image_to_tensor(img, req.height, req.width)[None, :, None],
+                                 lambda x, i=i: codec.encode_image(x, _nth(generator, i), dtype=self.dtype))
             for i, img in enumerate(images)
         ]).to(self.device)  # fmt: skip
         condition = codec.image_condition(encoded, req.shape[1])
@@ -320,7 +332,8 @@ class Pipeline(PipelineSwitches):
         elif req.task == "v2v":
             self.memory.activate("vae")
             pixels = video_to_tensor(req.video_frames, req.height, req.width)[None]
-            encoded = self.latent_codec.encode_video(pixels, _nth(generator, 0), dtype=dtype).to(device)
+            encode = functools.partial(self.latent_codec.encode_video, generator=_nth(generator, 0), dtype=dtype)
+            encoded = self._encode_fitting(pixels, encode).to(device)
             noise = randn(req.shape, generator=generator, device=device, dtype=dtype)
             clean = encoded.expand(req.batch, -1, -1, -1, -1)
             latents = sampler.add_noise(clean, noise, timesteps[:1].repeat(req.batch))
@@ -425,6 +438,8 @@ class Pipeline(PipelineSwitches):
         request.check_dtypes(
             self.transformer, self.vae, self.device, decodes=req.task != "t2v" or output_type != "latent"
         )
+        if self.memory.setting is not None:  # re-plan for this call's size before any work (may move components)
+            self._follow_plan(_call_size(req, output_type), at_call=True)
         # A tiny model runs faster on one CPU thread, and much faster on a busy machine (cogvideox/threads.py).
         threads = threads_for_call(self.device, self._pass_flops(req), self.cpu_threads)
         with intra_op_threads(threads):
@@ -500,18 +515,61 @@ class Pipeline(PipelineSwitches):
         z = self.latent_codec.to_vae(latents, num_pad_frames)
         self.memory.activate("vae")
         decode = self.vae.decode if self.parallel is None else functools.partial(self.parallel.decode, self.vae)
-        needs_tiling = self.memory.decode_needs_tiling(self.vae, tuple(z.shape), self.vae.device)
-        if self.parallel is not None:  # free memory differs between ranks: tile everywhere if any rank must
-            needs_tiling = self.parallel.any_rank(needs_tiling)
-        if not needs_tiling:
+        mode = self.memory.vae_mode(self.vae, "decode", tuple(z.shape), self.vae.device)
+        if self.parallel is not None and self.parallel.any_rank(mode != "untiled"):
+            mode = "tiled"  # free memory differs between ranks: tile everywhere if any rank must
+        with _vae_running(self.vae, mode):
             return decode(z.to(self.vae.device, self.vae.dtype))
-        self.vae.enable_tiling()
-        try:
-            return decode(z.to(self.vae.device, self.vae.dtype))
-        finally:
-            self.vae.disable_tiling()
+
+    def _encode_fitting(self, pixels: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``encode(pixels)`` (``[B, 3, F, H, W]``) with the VAE sliced or tiled when the budget asks for it."""
+        mode = self.memory.vae_mode(self.vae, "encode", tuple(pixels.shape), self.vae.device)
+        with _vae_running(self.vae, mode):
+            return encode(pixels)
+
+
+@contextlib.contextmanager
+def _vae_running(vae: Any, mode: str) -> Iterator[None]:
+    """For one encode or decode: ``"sliced"`` (one video at a time) or ``"tiled"`` (and one video at a time);
+    ``"untiled"`` leaves the VAE as its user set it. The VAE's own switches are restored after."""
+    if mode == "untiled":
+        yield
+        return
+    tiling, slicing = vae.use_tiling, vae.use_slicing
+    vae.enable_slicing()
+    if mode == "tiled":
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if not tiling:
+            vae.disable_tiling()
+        if not slicing:
+            vae.disable_slicing()
+
+
+def _call_size(req: request.Request, output_type: str) -> CallSize:
+    """What a checked call asks of memory (:mod:`cogvideox.memory_plan`)."""
+    encode = {"i2v": "image", "v2v": "video"}.get(req.task)
+    return CallSize(req.batch, req.num_frames, req.height, req.width, guided=req.guided, prompts=req.num_prompts,
+                    text_length=req.max_sequence_length, encode=encode, decodes=output_type != "latent")  # fmt: skip
 
 
 def _nth(generator: Generator, index: int) -> torch.Generator | None:
     """The generator for batch element ``index``: the reference encodes image i with ``generator[i]``."""
     return generator[min(index, len(generator) - 1)] if isinstance(generator, (list, tuple)) else generator
+
+
+def _memory_setting(memory: str | None, text_encoder_offload: bool | None, device: torch.device) -> str | None:
+    """The plan ``from_pretrained`` follows: ``memory`` as given, the older ``text_encoder_offload`` spelling, or
+    "auto" on CUDA (None elsewhere: everything stays on ``device``). Checked before any weights load."""
+    if memory is not None and text_encoder_offload is not None:
+        raise ValueError(
+            f"memory={memory!r} and text_encoder_offload={text_encoder_offload}: pass one of them "
+            "(text_encoder_offload=True is memory='text', False is memory='none')"
+        )
+    if text_encoder_offload is not None:
+        return "text" if text_encoder_offload else "none"
+    if memory is None:
+        return "auto" if device.type == "cuda" else None
+    return check_plan_name(memory)

@@ -108,3 +108,17 @@ SCHEDULER_2B: dict = {
     "snr_shift_scale": 3.0,
 }
 SCHEDULER_5B: dict = {**SCHEDULER_2B, "snr_shift_scale": 1.0}
+
+# text_encoder/config.json of every published model: google/t5-v1_1-xxl's encoder (4.76 B parameters).
+T5_XXL: dict = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
+    "feed_forward_proj": "gated-gelu",
+}

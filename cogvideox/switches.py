@@ -13,8 +13,10 @@ hold between switches:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,19 @@ import torch
 
 from .cache import StepCache, make_cache
 from .distributed import ParallelConfig, ParallelInference
-from .memory import MemoryPlan
+from .memory import MemoryManager
+from .memory_plan import (
+    MODE_NAMES,
+    MODES,
+    CallSize,
+    MemoryPlan,
+    check_plan_name,
+    default_call_size,
+    format_bytes,
+    plan_memory,
+)
+
+logger = logging.getLogger(__name__)
 
 # Offload modes that move the transformer off its device between uses: untested with parallel inference (the
 # collectives expect every rank's transformer and tensors on its own GPU), so the two are refused together. The
@@ -53,18 +67,36 @@ def fail_together_when_parallel(call: Callable) -> Callable:
     return guarded
 
 
+def _concrete(device: torch.device) -> torch.device:
+    """``cuda`` as the current CUDA device (``cuda:0``), so that placements compare equal."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _bytes_on(module: Any, device: torch.device) -> int:
+    """Bytes of ``module``'s parameters and buffers that live on ``device``."""
+    if not isinstance(module, torch.nn.Module):
+        return 0
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()] if t.device == device}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class PipelineSwitches:
     """Mixed into :class:`~cogvideox.Pipeline`; expects ``transformer``, ``memory`` and ``parallel`` attributes
     (``step_cache`` is this mixin's own)."""
 
     transformer: Any
-    memory: MemoryPlan
+    memory: MemoryManager
     parallel: ParallelInference | None
     # None until enable_cache(); a class-level default so that the LoRA switches work on a pipeline built without
     # __init__ (a fork assembling one by hand), as they did before caching existed.
     step_cache: StepCache | None = None
 
     text_encoder: Any
+    vae: Any
+    image_to_video: bool
+    device: torch.device
 
     # ------------------------------------------------------------------------------------------- CPU kernel
 
@@ -106,10 +138,120 @@ class PipelineSwitches:
         if mode in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL and self.parallel is not None:
             raise ValueError(_offload_with_parallel_message(mode))
         self.memory.enable(self, mode, device)
+        self.memory.forget_plan()  # the user's own switch: no plan overrides it
 
     def disable_cpu_offload(self) -> None:
         """Remove the offload hooks; the components stay in host memory (move them with ``.to(device)``)."""
         self.memory.disable()
+        self.memory.forget_plan()
+
+    def set_memory_plan(self, memory: str = "auto", device: torch.device | str | None = None) -> MemoryPlan | None:
+        """Place the components by a memory plan (:mod:`cogvideox.memory_plan`, docs/usage.md) on ``device``
+        (default: the device the pipeline computes on). ``"auto"`` picks the fastest plan whose estimated peak
+        fits the free memory, and re-plans at every call for that call's size; ``"none"``, ``"text"``, ``"model"``
+        or ``"sequential"`` keeps that offload mode (a warning when it would not fit). Any ``enable_*`` offload
+        call afterwards replaces the plan. Returns the plan for a default call (also ``pipe.memory_plan``), or
+        None when no plan is needed because the device's free memory is unknown (the CPU)."""
+        check_plan_name(memory)
+        device = _concrete(torch.device(device) if device is not None else self.device)
+        if memory in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL and self.parallel is not None:
+            raise ValueError(_offload_with_parallel_message(memory))
+        if memory == "auto" and self.memory.free_bytes(device) is None:
+            logger.warning(
+                "memory='auto' on %s: no memory plan is needed there (its free memory is not limited the way a "
+                "GPU's is); the components stay where they are", device,
+            )  # fmt: skip
+            self.memory.forget_plan()
+            return None
+        self.memory.setting, self.memory.plan_device = memory, device
+        return self._follow_plan(self._default_call_size(), at_call=False)
+
+    @property
+    def memory_plan(self) -> MemoryPlan:
+        """The plan in force: the last one chosen (``memory=`` or :meth:`set_memory_plan`), else the estimate for
+        the current offload mode on the device the pipeline computes on, for a call with the default size.
+        ``print(pipe.memory_plan)`` shows where each component lives, each phase's peak and the headroom."""
+        if self.memory.plan is not None:
+            return self.memory.plan
+        device = _concrete(self.device)
+        plan = plan_memory(self.text_encoder, self.transformer, self.vae, self._default_call_size(),
+                           self._capacity(device), memory=self.memory.mode or "none", device=str(device),
+                           vae_budget=self.memory.vae_memory_budget)  # fmt: skip
+        return dataclasses.replace(plan, chosen_by="the pipeline's switches")
+
+    def _default_call_size(self) -> CallSize:
+        return default_call_size(self.transformer.config, self.vae, image_to_video=self.image_to_video)
+
+    def _capacity(self, device: torch.device) -> int | None:
+        """Bytes this pipeline may use on ``device``: the free memory, plus on CUDA what its own tensors occupy
+        there now (they move when the plan changes). A simulated device (``memory.free_bytes`` replaced) reports
+        its figure as it is."""
+        free = self.memory.free_bytes(device)
+        if free is None or device.type != "cuda":
+            return free
+        parts = (self.text_encoder, self.transformer, self.vae)
+        return free + sum(_bytes_on(part, device) for part in parts)
+
+    def _follow_plan(self, size: CallSize, *, at_call: bool) -> MemoryPlan | None:
+        """Choose the plan for a call of ``size`` (the setting's mode, or "auto"'s choice), move the components
+        if it differs from the one in place, and say so. Called at every call while a plan is set."""
+        setting, device = self.memory.setting, self.memory.plan_device
+        capacity = self._capacity(device)
+        if capacity is None and setting == "auto":
+            return None  # nothing to fit (set_memory_plan said so); a forced mode is still put in place
+        modes = MODES if self.parallel is None else ("none", "text")
+        plan = plan_memory(self.text_encoder, self.transformer, self.vae, size, capacity, memory=setting,
+                           modes=modes, device=str(device), vae_budget=self.memory.vae_memory_budget,
+                           vae_may_tile=self.memory.auto_vae_tiling)  # fmt: skip
+        if not plan.fits:
+            self._say_it_does_not_fit(plan, modes, at_call=at_call)
+        if self.memory.applied != (plan.mode, device):
+            self._place(plan.mode, device)
+            logger.info("%s", plan.summary())
+        self.memory.plan = plan
+        return plan
+
+    def _say_it_does_not_fit(self, plan: MemoryPlan, modes: tuple[str, ...], *, at_call: bool) -> None:
+        """Warn that ``plan`` may run out of memory, with the plan that would fit; at a call, refuse when not even
+        the smallest plan's decode fits (denoising would take minutes before the decode ran out of memory)."""
+        smallest = plan
+        if plan.forced:
+            smallest = plan_memory(self.text_encoder, self.transformer, self.vae, plan.size, plan.capacity,
+                                   modes=modes, device=plan.device, vae_budget=self.memory.vae_memory_budget,
+                                   vae_may_tile=self.memory.auto_vae_tiling)  # fmt: skip
+        tiles = "in tiles" if self.memory.auto_vae_tiling else "untiled"
+        free = f"{plan.device} has {format_bytes(plan.capacity)} free"
+        decode = smallest.phases[-1]
+        if at_call and plan.size.decodes and not smallest.fits and decode.peak > plan.capacity:
+            raise ValueError(
+                f"the decode of {plan.size} cannot fit: even with {MODE_NAMES[smallest.mode]} and the VAE {tiles} it "
+                f"needs ~{format_bytes(decode.peak)}, and {free}. Generate fewer frames, a smaller size or fewer "
+                "videos at once; or decode in smaller tiles (pipe.vae.enable_tiling(tile_sample_min_height=..., "
+                "tile_sample_min_width=...)); or return latents (output_type='latent') and decode them elsewhere"
+            )
+        if plan.forced:
+            instead = (f"memory={smallest.mode!r} would fit, with a peak of ~{format_bytes(smallest.peak)}"
+                       if smallest.fits else "no plan fits it (see pipe.memory_plan)")  # fmt: skip
+            logger.warning("memory=%r needs ~%s at its peak (%s) for %s, but %s: it may run out of memory; %s",
+                           plan.mode, format_bytes(plan.peak), plan.peak_phase, plan.size, free, instead)  # fmt: skip
+        else:
+            logger.warning(
+                "no memory plan fits %s: even %s with the VAE %s needs ~%s at its peak (%s), and %s; it may run out "
+                "of memory (generate fewer frames, a smaller size or fewer videos at once)", plan.size,
+                MODE_NAMES[plan.mode], tiles, format_bytes(plan.peak), plan.peak_phase, free,
+            )  # fmt: skip
+
+    def _place(self, mode: str, device: torch.device) -> None:
+        """Put the components where offload ``mode`` wants them on ``device``."""
+        self.memory.disable()
+        if mode in ("none", "text"):
+            resident = [self.transformer, self.vae] + ([self.text_encoder] if mode == "none" else [])
+            for part in resident:
+                if isinstance(part, torch.nn.Module):
+                    part.to(device)
+        if mode != "none":
+            self.memory.enable(self, mode, device)
+        self.memory.applied = (mode, device)
 
     def set_vae_memory_budget(self, budget_bytes: int | None = None, *, auto_tiling: bool = True) -> None:
         """The memory the VAE decode may use before it switches to tiles (default None: the free device memory on

@@ -267,22 +267,9 @@ def test_encoder_loads_sharded_checkpoint_from_pipeline_root(tmp_path):
         assert rel_err(ours(ids), ref(ids).last_hidden_state) < 1e-5
 
 
-T5_V1_1_XXL = dict(
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    layer_norm_epsilon=1e-6,
-    feed_forward_proj="gated-gelu",
-)
-
-
 def test_t5_xxl_on_meta_has_the_reference_keys_and_shapes():
     from cogvideox.configs import T5Config
+    from cogvideox.presets import T5_XXL as T5_V1_1_XXL  # the published text_encoder/config.json
 
     with torch.device("meta"):
         ref = transformers.T5EncoderModel(transformers.T5Config(**T5_V1_1_XXL))

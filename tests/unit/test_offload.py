@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cogvideox import Pipeline
-from cogvideox.memory import MemoryPlan, vae_decode_bytes
+from cogvideox.memory import MemoryManager, vae_decode_bytes
 from cogvideox.offload import BlockStreamer
 from tests.tiny_checkpoints import TEXT_LEN, reference_pipeline
 
@@ -182,7 +182,7 @@ def test_sequential_offload_streams_blocks_and_equals_plain_run(checkpoint, expe
 
 
 def test_offload_errors():
-    plan = MemoryPlan()
+    plan = MemoryManager()
     with pytest.raises(ValueError, match="offload mode 'group': choose 'text', 'model' or 'sequential'"):
         plan.enable(None, "group", "cpu")
     if not torch.cuda.is_available():
@@ -228,16 +228,16 @@ def test_decode_estimate_scales_with_size_batch_and_slicing(checkpoint):
 
 def test_sequential_offload_caps_the_decode_budget(checkpoint):
     vae = _pipe(checkpoint).vae
-    plan = MemoryPlan()
+    plan = MemoryManager()
     cpu = torch.device("cpu")
     big = (1, 4, 13, 2048, 2048)  # ~ 16k x 16k pixels: over 4 GiB even for the tiny VAE
     assert vae_decode_bytes(vae, big) > 4 * 2**30
-    assert not plan.decode_needs_tiling(vae, big, cpu)  # no budget known on the CPU
+    assert plan.vae_mode(vae, "decode", big, cpu) == "untiled"  # no budget known on the CPU
     plan.mode = "sequential"
-    assert plan.decode_needs_tiling(vae, big, cpu)
-    assert not plan.decode_needs_tiling(vae, (1, 4, 13, 60, 90), cpu)
+    assert plan.vae_mode(vae, "decode", big, cpu) == "tiled"
+    assert plan.vae_mode(vae, "decode", (1, 4, 13, 60, 90), cpu) == "untiled"
     plan.vae_memory_budget = 2**50  # an explicit budget wins
-    assert not plan.decode_needs_tiling(vae, big, cpu)
+    assert plan.vae_mode(vae, "decode", big, cpu) == "untiled"
 
 
 @pytest.mark.gpu
