@@ -1,5 +1,7 @@
 """The whole pipeline (T5 -> denoising loop with guidance -> VAE decode) for a given number of steps, once per
-memory mode: no offload, text-encoder offload (the CUDA default), model CPU offload, sequential CPU offload.
+memory mode: no offload, text-encoder offload, model CPU offload, sequential CPU offload, and the plan "auto"
+chooses (the CUDA default; on the CPU no plan is needed and it runs as "none"). Each row also gives the memory
+plan's predicted peak for that mode, to compare with the measured ``max_memory_reserved`` on a GPU.
 
     python benchmarks/e2e.py                                   # CPU: 5B widths, 2 blocks, 9x64x96, ~2 minutes
     python benchmarks/e2e.py --tiny --no-results               # CPU smoke test: tiny widths, seconds
@@ -36,6 +38,7 @@ from benchmarks._common import append_result, command_line, fill_random_, machin
 from cogvideox import Pipeline  # noqa: E402
 from cogvideox.configs import SchedulerConfig, T5Config, VAEConfig  # noqa: E402
 from cogvideox.loading import build_on_meta  # noqa: E402
+from cogvideox.memory_plan import CallSize, plan_memory  # noqa: E402
 from cogvideox.presets import T5_XXL, TRANSFORMER_CONFIGS, transformer_config  # noqa: E402
 from cogvideox.samplers import make_sampler  # noqa: E402
 from cogvideox.text import T5Encoder, T5Tokenizer  # noqa: E402
@@ -44,7 +47,7 @@ from cogvideox.vae import VAE  # noqa: E402
 
 logger = logging.getLogger("e2e")
 
-MODES = ("none", "text", "model", "sequential")
+MODES = ("none", "text", "model", "sequential", "auto")
 CPU_DEFAULTS = {"layers": 2, "text_layers": 2, "frames": 9, "height": 64, "width": 96, "steps": 2, "dtype": "float32"}
 GPU_DEFAULTS = {"layers": None, "text_layers": None, "frames": 49, "height": 480, "width": 720, "steps": 4,
                 "dtype": "bfloat16"}  # fmt: skip
@@ -135,17 +138,12 @@ def _to_host_all(pipe: Pipeline) -> None:
 
 def run_mode(pipe: Pipeline, mode: str, args: argparse.Namespace, device: torch.device, *, first: bool) -> dict:
     pipe.disable_cpu_offload()
-    if mode == "none":
-        for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
-            module.to(device)
-    elif mode == "text":  # the default of from_pretrained(device="cuda"): only T5 waits in host memory
-        pipe.text_encoder.to("cpu")
-        for module in (pipe.transformer, pipe.vae):
-            module.to(device)
-        pipe.enable_text_encoder_offload(device=device)
-    else:
-        _to_host_all(pipe)
-        getattr(pipe, f"enable_{mode}_cpu_offload")(device=device)
+    _to_host_all(pipe)
+    # The pipeline's own placement for each mode (cogvideox.memory_plan); "auto" chooses by the free memory.
+    plan = pipe.set_memory_plan(mode, device)
+    size = CallSize(1, args.frames, args.height, args.width, text_length=pipe.transformer.config.max_text_seq_length)
+    predicted = plan_memory(pipe.text_encoder, pipe.transformer, pipe.vae, size, None,
+                            memory=plan.mode if plan is not None else "none")  # fmt: skip
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -183,8 +181,11 @@ def run_mode(pipe: Pipeline, mode: str, args: argparse.Namespace, device: torch.
         "finite": bool(torch.isfinite(frames).all()),
         "decode_s": total - (stamps[-1] - start),  # after the last step: decode, postprocess, offload back
     }
+    result["plan"] = f"{predicted.mode}, VAE {predicted.vae_decode}"
+    result["predicted_gib"] = predicted.peak / 2**30
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         result["base_gib"] = base / 2**30
     pipe.disable_cpu_offload()
     _to_host_all(pipe)
@@ -209,20 +210,25 @@ def main(argv: list[str] | None = None) -> None:
 def report(args: argparse.Namespace, runs: list[dict], device: torch.device, pipe: Pipeline) -> None:
     cfg = pipe.transformer.config
     what = "tiny widths" if args.tiny else f"{args.model}"
-    header = ["mode", "total s", "s / step (median)", "text + first step s", "decode s", "peak GiB", "ratio to none"]
+    header = ["mode", "plan", "total s", "s / step (median)", "text + first step s", "decode s", "peak GiB",
+              "reserved GiB", "predicted GiB", "predicted / reserved", "ratio to none"]  # fmt: skip
     base = next((r for r in runs if r["mode"] == "none"), None)
     rows = []
     for r in runs:
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
+        reserved = f"{r['reserved_gib']:.2f}" if "reserved_gib" in r else "-"
+        accuracy = f"{r['predicted_gib'] / r['reserved_gib']:.2f}" if "reserved_gib" in r else "-"
         ratio = f"{r['step_s'] / base['step_s']:.2f}" if base else "-"
-        rows.append([r["mode"], f"{r['total_s']:.2f}", f"{r['step_s']:.3f}", f"{r['first_step_s']:.2f}",
-                     f"{r['decode_s']:.2f}", peak, ratio])  # fmt: skip
+        rows.append([r["mode"], r["plan"], f"{r['total_s']:.2f}", f"{r['step_s']:.3f}", f"{r['first_step_s']:.2f}",
+                     f"{r['decode_s']:.2f}", peak, reserved, f"{r['predicted_gib']:.2f}", accuracy,
+                     ratio])  # fmt: skip
     table = markdown_table(header, rows)
     summary = (
         f"{what}, {cfg.num_layers} blocks, T5 {pipe.text_encoder.config.num_layers} blocks, "
         f"{args.frames}x{args.height}x{args.width}, {args.steps} steps with guidance, {args.dtype}; output "
-        f"{runs[0]['shape']}, finite: {all(r['finite'] for r in runs)}. Peak = max_memory_allocated of the timed "
-        "call (GPU only)."
+        f"{runs[0]['shape']}, finite: {all(r['finite'] for r in runs)}. Peak = max_memory_allocated and reserved = "
+        "max_memory_reserved of the timed call (GPU only); predicted = the memory plan's estimated peak for the mode "
+        "(target: within 15 % of reserved, never below)."
     )
     print(f"\n{summary}\n\n{table}\n")
     if not args.no_results:

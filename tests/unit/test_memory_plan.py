@@ -285,3 +285,25 @@ def test_cli_memory_options(tmp_path, capsys):
     assert "argument --memory: invalid choice: 'fast'" in capsys.readouterr().err
     assert cli.main(["generate", "--prompt", "x", "--memory", "model", "--offload", "model", "--output", out]) == 2
     assert "--memory model and --offload model: give one of them" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", PLANS[1:])
+def test_predicted_peak_is_never_below_the_measured_one_on_cuda(mode, tmp_path):
+    """5B widths with 2 of 42 blocks, T5-XXL widths with 2 of 24 blocks, the published VAE, 49x480x720, bf16, one
+    guided step: the plan's peak against ``max_memory_reserved`` (benchmarks/e2e.py measures the whole model)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from benchmarks import e2e
+
+    args = e2e.parse_args(["--device", "cuda", "--layers", "2", "--text-layers", "2", "--no-results"])
+    pipe = e2e.build_pipeline(args, torch.device("cuda"), torch.bfloat16, tmp_path)
+    e2e._to_host_all(pipe)
+    torch.cuda.empty_cache()
+    plan = pipe.set_memory_plan(mode, "cuda")
+    torch.cuda.reset_peak_memory_stats()
+    pipe("a panda", num_inference_steps=1, num_frames=49, height=480, width=720, output_type="pt")
+    measured = torch.cuda.max_memory_reserved()
+    predicted = plan_memory(pipe.text_encoder, pipe.transformer, pipe.vae, plan.size, None, memory=mode).peak
+    print(f"{mode}: predicted {predicted / GiB:.2f} GiB, reserved {measured / GiB:.2f} GiB")
+    assert measured <= predicted
