@@ -231,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     _option(gen, "--cache", type=_cache_spec, default=None, metavar="METHOD[:k=v,...]",
             help="step caching (docs/caching.md): teacache, first_block, pab, faster, taylorseer or mag, with "
                  "options as in diffusers' cache configs, e.g. first_block:threshold=0.1")  # fmt: skip
+    _option(gen, "--riflex", action="store_true", default=None,
+            help="RIFLEx length extrapolation (3D-RoPE models, docs/editing.md): e.g. CogVideoX-5B at "
+                 "--num-frames 97")  # fmt: skip
+    _option(gen, "--riflex-k", type=_positive_int, default=None, help="RIFLEx component (default 2 on 1.0)")
+    _option(gen, "--riflex-frames", type=_positive_int, default=None,
+            help="frames the RIFLEx frequency is set for (default --num-frames)")  # fmt: skip
     _option(gen, "--quiet", action="store_true", help="no progress bar")
     _option(gen, "--ulysses-degree", type=_positive(2), default=1,
             help="processes sharing each transformer pass (sequence parallel; start them with torchrun)")  # fmt: skip
@@ -400,6 +406,9 @@ CALL_OPTIONS = {
     "dynamic_cfg": "use_dynamic_cfg",
     "num_videos_per_prompt": "num_videos_per_prompt",
     "max_sequence_length": "max_sequence_length",
+    "riflex": "riflex",
+    "riflex_k": "riflex_k",
+    "riflex_frames": "riflex_frames",
 }
 
 

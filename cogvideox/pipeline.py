@@ -379,6 +379,9 @@ class Pipeline(PipelineSwitches):
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         max_sequence_length: int | None = None,
+        riflex: bool = False,
+        riflex_k: int | None = None,
+        riflex_frames: int | None = None,
     ) -> PipelineOutput | tuple:
         """Generate videos. Arguments carry diffusers' names and meanings (docs/usage.md lists where we differ).
 
@@ -419,6 +422,11 @@ class Pipeline(PipelineSwitches):
                 ``negative_prompt_embeds``); returned tensors replace them. Set ``pipe.interrupt = True`` to stop.
             max_sequence_length: prompt tokens; default the transformer's ``max_text_seq_length`` (226 for every
                 published model; the bundled demo model was trained on 12).
+            riflex: RIFLEx length extrapolation (models with 3D RoPE; docs/editing.md): lowers the intrinsic
+                temporal RoPE frequency so that e.g. CogVideoX-5B makes 97 frames (twice its 49) without
+                training. ``riflex_k``: the component (default 2, the published 5B setting; required for 1.5);
+                ``riflex_frames``: the length the frequency is set for (default ``num_frames``; 97 for
+                thu-ml/CogVideoX-RIFLEx-diffusers, fine-tuned at that setting). Either implies ``riflex=True``.
 
         Returns:
             :class:`PipelineOutput` with ``.frames`` (rank 0 only under parallel inference; None elsewhere).
@@ -435,6 +443,12 @@ class Pipeline(PipelineSwitches):
             num_videos_per_prompt=num_videos_per_prompt, latents=latents, output_type=output_type,
             callback_tensors=callback_on_step_end_tensor_inputs, max_sequence_length=max_sequence_length,
         )  # fmt: skip
+        riflex_setting = request.resolve_riflex(
+            self.transformer.config, req.num_frames, temporal=self.latent_codec.temporal, riflex=riflex, k=riflex_k,
+            frames=riflex_frames,
+        )  # fmt: skip
+        if riflex_setting is not None and not hasattr(self.transformer, "set_riflex"):
+            raise TypeError(f"riflex: {type(self.transformer).__name__} has no set_riflex((k, frames)) method")
         request.check_dtypes(
             self.transformer, self.vae, self.device, decodes=req.task != "t2v" or output_type != "latent"
         )
@@ -476,6 +490,8 @@ class Pipeline(PipelineSwitches):
             if callback_on_step_end is not None:
                 callback = diffusers_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, negative)
             try:
+                if riflex_setting is not None:
+                    self.transformer.set_riflex(riflex_setting)
                 latents = denoise(
                     self._model_fn(req.guided), sampler, latents, timesteps, embeds, guidance_scale=req.guidance_scale,
                     dynamic_guidance=use_dynamic_cfg, num_steps=num_steps, condition=condition, generator=generator,
@@ -487,6 +503,8 @@ class Pipeline(PipelineSwitches):
                     video = self.decode_latents(latents, num_pad_frames=req.pad_frames)  # None off rank 0 when parallel
                     frames = None if video is None else postprocess_video(video, output_type)
             finally:
+                if riflex_setting is not None:
+                    self.transformer.set_riflex(None)
                 progress.close()
                 if self.step_cache is not None:
                     self.step_cache.end_call()

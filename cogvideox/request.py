@@ -105,6 +105,64 @@ def check_num_frames(num_frames: int, config: TransformerConfig, *, temporal: in
     return num_frames
 
 
+# The published CogVideoX-5B setting of RIFLEx (thu-ml/RIFLEx README and cogvideox.py: k = 2, whose period is
+# N_k = 20 latent frames; 49 -> 97 frames without training) and the paper's training-free range (about 2x).
+RIFLEX_K_V10 = 2
+RIFLEX_MAX_FACTOR = 2
+
+
+def resolve_riflex(
+    config: TransformerConfig, num_frames: int, *, temporal: int, riflex: bool, k: Any, frames: Any
+) -> tuple[int, int] | None:
+    """RIFLEx's ``(k, L)`` for a call of ``num_frames`` video frames, L in temporal positions (latent frames, or
+    temporal patches for 1.5) of ``frames`` (default ``num_frames``); None when off, or when L is within the
+    period of component k (nothing to change: thu-ml/RIFLEx applies it only then)."""
+    if not riflex and k is None and frames is None:
+        return None
+    if not config.use_rotary_positional_embeddings:
+        raise ValueError(
+            "riflex=True: RIFLEx lowers a temporal rotary-embedding frequency, and this model has no rotary "
+            "embeddings (CogVideoX-2B uses sin-cos position tables); use CogVideoX-5B or 1.5"
+        )
+    pt = config.patch_size_t or 1
+
+    def positions(video_frames: int) -> int:
+        return -(-((video_frames - 1) // temporal + 1) // pt)
+
+    from .rope.rotary import rotary_periods
+
+    periods = rotary_periods(config.attention_head_dim // 4)
+    trained = positions(default_num_frames(config))
+    if k is None:
+        if is_v15(config):
+            nearest = min(range(len(periods)), key=lambda i: abs(periods[i] - trained)) + 1
+            raise ValueError(
+                "riflex=True on CogVideoX 1.5: RIFLEx publishes a setting for CogVideoX-5B only (k=2). Pass "
+                f"riflex_k: the temporal component whose period is nearest the {trained} trained positions is "
+                f"k={nearest} (periods {', '.join(f'{p:.1f}' for p in periods[:4])}, ...)"
+            )
+        k = RIFLEX_K_V10
+    k = as_int(k, "riflex_k", f"a temporal RoPE component, 1..{len(periods)}")
+    if not 1 <= k <= len(periods):
+        raise ValueError(f"riflex_k={k}: must be 1..{len(periods)} (the temporal RoPE components of this model)")
+    target = num_frames if frames is None else check_num_frames(frames, config, temporal=temporal)
+    length, limit = positions(target), RIFLEX_MAX_FACTOR * trained
+    if positions(num_frames) > length:
+        raise ValueError(
+            f"num_frames={num_frames} with riflex_frames={frames}: the RIFLEx frequency covers {frames} frames; "
+            "generate at most that many, or raise riflex_frames"
+        )
+    if length > limit:
+        raise ValueError(
+            f"{target} frames with RIFLEx: {length} temporal positions, beyond its range of about "
+            f"{RIFLEX_MAX_FACTOR}x the {trained} this model was trained on (RIFLEx, arXiv 2502.15894: training-free "
+            f"extrapolation to 2x); at most {(limit * pt - 1) * temporal + 1} frames"
+        )
+    if length <= periods[k - 1]:
+        return None  # the video fits one period of component k already: RIFLEx changes nothing
+    return k, length
+
+
 def check_size(height: int, width: int, config: TransformerConfig, *, spatial: int) -> tuple[int, int]:
     """Multiples of ``spatial x patch_size`` pixels (16 when published), and the 5B-I2V only at its training size.
     Returns (height, width) as ``int``."""

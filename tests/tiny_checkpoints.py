@@ -65,9 +65,9 @@ def train_spiece(folder: Path) -> Path:
     return train_t5_spiece(folder, CORPUS * 40, vocab_size=120, model_max_length=TEXT_LEN)
 
 
-def reference_pipeline(variant: str, root: Path, seed: int = 0):
+def reference_pipeline(variant: str, root: Path, seed: int = 0, transformer_overrides: dict | None = None):
     """Build the diffusers pipeline of ``variant`` at a tiny size, save it to ``root`` in the published layout,
-    and return it (float32, CPU, eval)."""
+    and return it (float32, CPU, eval). ``transformer_overrides``: config keys changed for one test."""
     import diffusers
     import transformers
 
@@ -84,7 +84,7 @@ def reference_pipeline(variant: str, root: Path, seed: int = 0):
         "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2, "text_embed_dim": 16,
         "time_embed_dim": 8, "in_channels": 4, "out_channels": 4, "sample_height": LATENT_H,
         "sample_width": LATENT_W, "sample_frames": 17 if "patch_size_t" in spec["transformer"] else 9,
-        "max_text_seq_length": TEXT_LEN, **spec["transformer"],
+        "max_text_seq_length": TEXT_LEN, **spec["transformer"], **(transformer_overrides or {}),
     }  # fmt: skip
     transformer = diffusers.CogVideoXTransformer3DModel(**transformer_config)
     vae = diffusers.AutoencoderKLCogVideoX(

@@ -11,9 +11,17 @@ Positions come from one of two grids:
 
 Tables are computed in float32, as the reference does (``get_3d_rotary_pos_embed`` in diffusers' embeddings.py,
 built by the pipelines' ``_prepare_rotary_positional_embeddings``), and applied in float32.
+
+RIFLEx (Zhao et al. 2025, arXiv 2502.15894; thu-ml/RIFLEx ``riflex_utils.py``): to generate ``L`` latent frames,
+longer than the model was trained on, the temporal component ``k`` (1-based; its frequency is
+``theta^(-2(k-1)/d_t)``), the "intrinsic" one whose period is closest to the training length, gets the frequency
+``0.9 * 2 * pi / L``: one period then covers the whole extended video (with 10 % to spare), so no position repeats
+a phase the model saw at another time. Every other frequency is unchanged. See :func:`riflex_frequency`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -35,10 +43,31 @@ def _axis_positions_crop(start: float, stop: float, n: int, device: torch.device
     return torch.linspace(start, stop * (n - 1) / n, n, device=device, dtype=torch.float32)
 
 
-def _rotary_angles(dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """``[n, dim/2]`` angles ``position * theta^(-2i/dim)`` in float32."""
+# RIFLEx's factor: the new period is L / 0.9 latent frames (thu-ml/RIFLEx riflex_utils.py).
+RIFLEX_MARGIN = 0.9
+
+
+def riflex_frequency(latent_frames: int) -> float:
+    """RIFLEx's frequency for the intrinsic temporal component when generating ``latent_frames`` frames."""
+    return RIFLEX_MARGIN * 2 * math.pi / latent_frames
+
+
+def rotary_periods(dim: int, theta: float = 10000.0) -> list[float]:
+    """The period (in positions) of each frequency of a ``dim``-channel rotary part: ``2 pi theta^(2i/dim)``
+    (CogVideoX-5B's temporal part, ``dim`` 16: 6.3, 19.9, 62.8, 198.7, ...)."""
+    return [2 * math.pi * theta ** (i / dim) for i in range(0, dim, 2)]
+
+
+def _rotary_angles(
+    dim: int, positions: torch.Tensor, theta: float, riflex: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """``[n, dim/2]`` angles ``position * theta^(-2i/dim)`` in float32; ``riflex`` = (k, latent frames) replaces
+    frequency ``k - 1`` by :func:`riflex_frequency`."""
     exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim
     inv_freq = 1.0 / (theta**exponents)
+    if riflex is not None:
+        k, latent_frames = riflex
+        inv_freq[k - 1] = riflex_frequency(latent_frames)
     return torch.outer(positions, inv_freq)
 
 
@@ -53,6 +82,7 @@ def rotary_tables(
     base_width: int,
     theta: float = 10000.0,
     device: torch.device | str | None = None,
+    riflex: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for ``frames x height x width`` video patches, each ``[frames*height*width, head_dim]``
     in float32, token order (t, h, w) as the patch embedding lays tokens out.
@@ -62,6 +92,7 @@ def rotary_tables(
         frames, height, width: the patch grid (latent frames / patch_size_t, latent height / p, latent width / p).
         grid: ``"crop"`` (1.0) or ``"slice"`` (1.5); see the module docstring.
         base_height, base_width: the training patch grid, ``sample_height // p`` and ``sample_width // p``.
+        riflex: (k, latent frames L): RIFLEx's lowered intrinsic temporal frequency (module docstring).
     """
     if head_dim % 8:
         raise ValueError(f"head_dim={head_dim}: 3D RoPE splits the head 2:3:3, so it must be a multiple of 8")
@@ -81,7 +112,7 @@ def rotary_tables(
         raise ValueError(f"grid={grid!r}: use 'crop' (CogVideoX 1.0) or 'slice' (CogVideoX 1.5)")
 
     dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
-    angles_t = _rotary_angles(dim_t, pos_t, theta)[:, None, None, :].expand(frames, height, width, -1)
+    angles_t = _rotary_angles(dim_t, pos_t, theta, riflex)[:, None, None, :].expand(frames, height, width, -1)
     angles_h = _rotary_angles(dim_hw, pos_h, theta)[None, :, None, :].expand(frames, height, width, -1)
     angles_w = _rotary_angles(dim_hw, pos_w, theta)[None, None, :, :].expand(frames, height, width, -1)
     angles = torch.cat([angles_t, angles_h, angles_w], dim=-1).reshape(frames * height * width, -1)

@@ -95,6 +95,8 @@ class Transformer(nn.Module):
         self.sequence_parallel = None
         # Step cache (cogvideox.cache, set by set_step_cache): decides per denoising step which blocks run.
         self.step_cache = None
+        # RIFLEx (set_riflex): (k, latent frames) of the lowered temporal RoPE frequency, None for the plain tables.
+        self.riflex: tuple[int, int] | None = None
         # Position tables keyed by (kind, frames, height, width, device): plain state, rebuilt on demand.
         self._position_cache: dict[tuple, object] = {}
 
@@ -207,6 +209,25 @@ class Transformer(nn.Module):
         (reusing what it kept from earlier steps). A plain object, not a submodule."""
         self.step_cache = cache
 
+    def set_riflex(self, setting: tuple[int, int] | None) -> None:
+        """RIFLEx length extrapolation (:mod:`cogvideox.rope.rotary`): ``(k, latent_frames)`` gives temporal RoPE
+        component ``k`` (1-based) the frequency ``0.9 * 2 pi / latent_frames``; None restores the trained tables.
+        Only for models with 3D RoPE (not CogVideoX-2B's sin-cos tables)."""
+        if setting is not None:
+            if not self.config.use_rotary_positional_embeddings:
+                raise ValueError(
+                    "RIFLEx changes the temporal frequency of 3D rotary position embeddings; this model has none "
+                    "(CogVideoX-2B uses sin-cos position tables), so it cannot extrapolate this way"
+                )
+            k, latent_frames = setting
+            components = self.config.attention_head_dim // 8  # temporal part: head_dim / 4 channels, in pairs
+            if not 1 <= k <= components or latent_frames < 1:
+                raise ValueError(
+                    f"RIFLEx (k={k}, latent frames={latent_frames}): k must be 1..{components} (the temporal RoPE "
+                    "components of this model) and the frame count positive"
+                )
+        self.riflex = setting
+
     @property
     def dtype(self) -> torch.dtype:
         return self.proj_out.weight.dtype
@@ -230,7 +251,7 @@ class Transformer(nn.Module):
         (cos 1, sin 0) for the text tokens, which the reference leaves unrotated, then the video's 3D RoPE.
         Padding the text rows lets attention rotate the joined sequence instead of slicing and re-joining it;
         the identity is exact (``x * 1 + y * 0 == x``)."""
-        key = ("rope", text_len, frames, height, width, device)
+        key = ("rope", text_len, frames, height, width, device, self.riflex)
         if key not in self._position_cache:
             _, base_h, base_w = self._training_grid()
             grid = "crop" if self.config.patch_size_t is None else "slice"
@@ -242,7 +263,7 @@ class Transformer(nn.Module):
                 )  # fmt: skip
             cos, sin = rotary_tables(
                 self.config.attention_head_dim, frames, height, width,
-                grid=grid, base_height=base_h, base_width=base_w, device=device,
+                grid=grid, base_height=base_h, base_width=base_w, device=device, riflex=self.riflex,
             )  # fmt: skip
             sin = fold_sign(sin)  # rotate_pairs takes the minus sign of the rotation from the table
             cos = torch.cat([cos.new_ones(text_len, cos.shape[1]), cos])
