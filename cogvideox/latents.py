@@ -119,16 +119,24 @@ class LatentCodec:
 
     # ----------------------------------------------------------------------------------- pixels -> latents
 
-    def _sample(self, pixels: torch.Tensor, generator: Generator, dtype: torch.dtype | None) -> torch.Tensor:
-        """``[B, 3, F, H, W]`` in [-1, 1] -> a posterior sample, unscaled, ``[B, F', C, h, w]`` in ``dtype``
-        (default the VAE's) on the VAE's device."""
+    def _sample(
+        self, pixels: torch.Tensor, generator: Generator, dtype: torch.dtype | None, mode: bool = False
+    ) -> torch.Tensor:
+        """``[B, 3, F, H, W]`` in [-1, 1] -> a posterior sample (``mode``: the posterior's mean, no noise drawn),
+        unscaled, ``[B, F', C, h, w]`` in ``dtype`` (default the VAE's) on the VAE's device."""
         posterior = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype))
-        sample = posterior.sample(generator=generator)
+        sample = posterior.mode() if mode else posterior.sample(generator=generator)
         # The reference casts to the pipeline dtype before scaling; so does this (it matters in bfloat16).
         return (sample if dtype is None else sample.to(dtype)).permute(0, 2, 1, 3, 4)
 
     def encode_video(
-        self, pixels: torch.Tensor, generator: Generator = None, *, dtype: torch.dtype | None = None, pad: bool = True
+        self,
+        pixels: torch.Tensor,
+        generator: Generator = None,
+        *,
+        dtype: torch.dtype | None = None,
+        pad: bool = True,
+        mode: bool = False,
     ) -> torch.Tensor:
         """Video latents: a posterior sample times ``scaling_factor``, padded for the temporal patch.
 
@@ -137,12 +145,14 @@ class LatentCodec:
             generator: for the posterior sample (one, or one per video).
             dtype: cast before scaling (the pipeline's dtype); None keeps the VAE's.
             pad: prepend the 1.5 pad frames (False gives the latents of exactly these frames).
+            mode: the posterior's mean instead of a sample (no random numbers: CogVideoX-Fun's control video,
+                DDIM inversion).
         Returns:
             ``[B, F' + pad, C, H / s, W / s]``.
         """
         if pixels.ndim != 5 or pixels.shape[1] != 3:
             raise ValueError(f"video must be [B, 3, F, H, W] in [-1, 1], got shape {tuple(pixels.shape)}")
-        latents = self.vae.scaling_factor * self._sample(pixels, generator, dtype)
+        latents = self.vae.scaling_factor * self._sample(pixels, generator, dtype, mode)
         return pad_to_temporal_patch(latents, self.patch_size_t) if pad else latents
 
     def scale_image_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .cache import StepCache
 from .denoise import ModelFn, denoise, diffusers_callback
 from .distributed import ParallelConfig, ParallelInference
 from .latents import LatentCodec
-from .loading import PIPELINE_FILES, check_dtype, is_image_to_video, resolve_pretrained
+from .loading import PIPELINE_FILES, check_dtype, is_control, is_image_to_video, resolve_pretrained
 from .memory import MemoryManager
 from .memory_plan import CallSize, check_plan_name
 from .processing import image_to_tensor, postprocess_video, video_to_tensor
@@ -95,21 +95,28 @@ class Pipeline(PipelineSwitches):
         sampler: Sampler,
         *,
         image_to_video: bool | None = None,
+        control: bool = False,
     ) -> None:
         check_sampler(sampler)
         self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
         self.sampler = sampler
         config = transformer.config
-        # An I2V transformer takes noise and image latents joined on the channel axis.
-        inferred = config.in_channels == 2 * config.output_channels
+        # An I2V transformer takes noise and image latents joined on the channel axis, a CogVideoX-Fun control
+        # transformer noise and control-video latents: the same count, so control must be declared (model_index).
+        self.control = bool(control)
+        inferred = config.in_channels == 2 * config.output_channels and not self.control
         self.image_to_video = inferred if image_to_video is None else image_to_video
-        takes = 2 * config.output_channels if self.image_to_video else config.output_channels
+        if self.image_to_video and self.control:
+            raise ValueError("a pipeline is image-to-video or CogVideoX-Fun control, not both")
+        conditioned = self.image_to_video or self.control
+        takes = 2 * config.output_channels if conditioned else config.output_channels
         if config.in_channels != takes:
+            kind = "an image-to-video" if self.image_to_video else "a control" if self.control else "a text-to-video"
+            extra = " + image latents" if self.image_to_video else " + control-video latents" if self.control else ""
             raise ValueError(
                 f"the transformer takes {config.in_channels} input channels for {config.output_channels} output "
-                f"channels; {'an image-to-video' if self.image_to_video else 'a text-to-video'} pipeline gives it "
-                f"{takes} (noise{' + image latents' if self.image_to_video else ''}). Checkpoints with another "
-                "conditioning (CogVideoX-Fun control or inpainting) are not supported yet"
+                f"channels; {kind} pipeline gives it {takes} (noise{extra}). Checkpoints with another conditioning "
+                "(CogVideoX-Fun inpainting: noise + mask + masked-video latents) are not supported"
             )
         self.progress_bar_config: dict[str, Any] = {}
         self._interrupt = False
@@ -175,6 +182,7 @@ class Pipeline(PipelineSwitches):
         )  # fmt: skip
         # Everything that can be refused is checked before any weights load.
         image_to_video = is_image_to_video(root)  # model_index.json; None: inferred from the transformer
+        control = is_control(root)
         sampler = choose_sampler(sampler, root / "scheduler", **sampler_overrides)
         # Under a plan the weights wait in host memory until the plan places them (never all at once on the GPU).
         components = {"dtype": check_dtype(dtype), "device": device if memory is None else "cpu"}
@@ -182,7 +190,7 @@ class Pipeline(PipelineSwitches):
         vae = vae or VAE.from_pretrained(root / "vae", **components)
         text_encoder = text_encoder or T5Encoder.from_pretrained(root / "text_encoder", **components)
         tokenizer = tokenizer or T5Tokenizer.from_pretrained(root / "tokenizer")
-        pipe = cls(transformer, vae, text_encoder, tokenizer, sampler, image_to_video=image_to_video)
+        pipe = cls(transformer, vae, text_encoder, tokenizer, sampler, image_to_video=image_to_video, control=control)
         pipe.source = "the bundled demo model" if demo else str(path_or_hub_id)
         if parallel is not None:  # first: the plan then keeps to the modes parallel inference allows
             pipe.enable_parallel(parallel)
@@ -195,7 +203,8 @@ class Pipeline(PipelineSwitches):
         from .lora import loaded_adapters
 
         config = self.transformer.config
-        task = "image-to-video" if self.image_to_video else "text-to-video / video-to-video"
+        task = ("image-to-video" if self.image_to_video else "CogVideoX-Fun control video" if self.control
+                else "text-to-video / video-to-video")  # fmt: skip
         lines = [
             f"Pipeline({self.source or type(self.transformer).__name__}: {task}, "
             f"{getattr(config, 'num_layers', '?')} layers, {self.dtype}, {self.device})",
@@ -329,6 +338,8 @@ class Pipeline(PipelineSwitches):
             condition = self._image_condition(req.images, req, generator)
         if latents is not None:
             latents = latents.to(device, dtype)
+        elif req.task == "control":  # the noise first, then the control video (its encode draws no numbers)
+            latents = randn(req.shape, generator=generator, device=device, dtype=dtype)
         elif req.task == "v2v":
             self.memory.activate("vae")
             pixels = video_to_tensor(req.video_frames, req.height, req.width)[None]
@@ -339,7 +350,18 @@ class Pipeline(PipelineSwitches):
             latents = sampler.add_noise(clean, noise, timesteps[:1].repeat(req.batch))
         else:
             latents = randn(req.shape, generator=generator, device=device, dtype=dtype)
+        if req.task == "control":
+            condition = self._control_condition(req)
         return latents * sampler.init_noise_sigma, condition
+
+    def _control_condition(self, req: request.Request) -> torch.Tensor:
+        """CogVideoX-Fun's control latents ``[B, F' + pad, C, h, w]``: the control video encoded to the posterior's
+        mean (no random numbers, as the reference), scaled, one row per video."""
+        self.memory.activate("vae")
+        pixels = video_to_tensor(req.video_frames, req.height, req.width)[None]
+        encode = functools.partial(self.latent_codec.encode_video, dtype=self.dtype, mode=True)
+        encoded = self._encode_fitting(pixels, encode).to(self.device)
+        return encoded.expand(req.batch, -1, -1, -1, -1)
 
     def _model_fn(self, guided: bool) -> ModelFn:
         """The transformer as the denoising loop's model callable (with ``ofs`` for 1.5-I2V), wrapped by the step
@@ -382,6 +404,7 @@ class Pipeline(PipelineSwitches):
         riflex: bool = False,
         riflex_k: int | None = None,
         riflex_frames: int | None = None,
+        control_video: Any = None,
     ) -> PipelineOutput | tuple:
         """Generate videos. Arguments carry diffusers' names and meanings (docs/usage.md lists where we differ).
 
@@ -427,6 +450,9 @@ class Pipeline(PipelineSwitches):
                 training. ``riflex_k``: the component (default 2, the published 5B setting; required for 1.5);
                 ``riflex_frames``: the length the frequency is set for (default ``num_frames``; 97 for
                 thu-ml/CogVideoX-RIFLEx-diffusers, fine-tuned at that setting). Either implies ``riflex=True``.
+            control_video: CogVideoX-Fun control checkpoints only (required there): the pose / depth / edge video
+                (a path or a list of frames, ``4k + 1`` of them) whose latents join the noise on the channel axis;
+                it sets ``num_frames``, ``height`` and ``width`` (explicit values must equal its own).
 
         Returns:
             :class:`PipelineOutput` with ``.frames`` (rank 0 only under parallel inference; None elsewhere).
@@ -442,6 +468,7 @@ class Pipeline(PipelineSwitches):
             guidance_scale=guidance_scale,
             num_videos_per_prompt=num_videos_per_prompt, latents=latents, output_type=output_type,
             callback_tensors=callback_on_step_end_tensor_inputs, max_sequence_length=max_sequence_length,
+            control=self.control, control_video=control_video,
         )  # fmt: skip
         riflex_setting = request.resolve_riflex(
             self.transformer.config, req.num_frames, temporal=self.latent_codec.temporal, riflex=riflex, k=riflex_k,
@@ -568,7 +595,7 @@ def _vae_running(vae: Any, mode: str) -> Iterator[None]:
 
 def _call_size(req: request.Request, output_type: str) -> CallSize:
     """What a checked call asks of memory (:mod:`cogvideox.memory_plan`)."""
-    encode = {"i2v": "image", "v2v": "video"}.get(req.task)
+    encode = {"i2v": "image", "v2v": "video", "control": "video"}.get(req.task)
     return CallSize(req.batch, req.num_frames, req.height, req.width, guided=req.guided, prompts=req.num_prompts,
                     text_length=req.max_sequence_length, encode=encode, decodes=output_type != "latent")  # fmt: skip
 

@@ -71,21 +71,28 @@ def image_to_tensor(image: Any, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
 
 
+def load_video_frames(video: Any, name: str = "video") -> list:
+    """A video given as a path, or a sequence of frames of any accepted kind, as a non-empty list of frames (each
+    checked for its type, so that a bad frame fails before any model runs)."""
+    if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
+        frames = load_video(input_file(video, name, VIDEO_INPUTS))
+    elif isinstance(video, (Sequence, np.ndarray, torch.Tensor)):
+        frames = list(video)
+    else:
+        raise TypeError(f"{name}: got {type(video).__name__}; pass {VIDEO_INPUTS}")
+    for frame in frames:
+        if not isinstance(frame, (Image.Image, np.ndarray, torch.Tensor)):
+            input_file(frame, f"{name} frame", IMAGE_INPUTS)
+    if not frames:
+        raise ValueError(f"{name} has no frames: it needs at least 1 frame (4k+1, e.g. 49)")
+    return frames
+
+
 def video_frames_for_v2v(video: Any, num_frames: int | None = None, *, temporal: int = 4) -> list:
     """The video-to-video input (a path, or a sequence of frames of any accepted kind) as a list of frames, cut to
     ``num_frames`` or, when that is None, to its longest ``temporal``k+1 prefix (with a warning); ``temporal`` is
     the VAE's temporal compression (``vae.temporal_compression``, 4 for every published VAE)."""
-    if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
-        frames = load_video(input_file(video, "video", VIDEO_INPUTS))
-    elif isinstance(video, (Sequence, np.ndarray, torch.Tensor)):
-        frames = list(video)
-    else:
-        raise TypeError(f"video: got {type(video).__name__}; pass {VIDEO_INPUTS}")
-    for frame in frames:  # cheap type checks now, so that a bad frame fails before any model runs
-        if not isinstance(frame, (Image.Image, np.ndarray, torch.Tensor)):
-            input_file(frame, "video frame", IMAGE_INPUTS)
-    if not frames:
-        raise ValueError("video has no frames: video-to-video needs at least 1 frame (4k+1, e.g. 49)")
+    frames = load_video_frames(video)
     if num_frames is not None:
         if num_frames > len(frames):
             raise ValueError(f"num_frames={num_frames} but the video has only {len(frames)} frames")

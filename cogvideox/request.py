@@ -28,11 +28,11 @@ import torch
 
 from .configs import TransformerConfig
 from .latents import LatentCodec
-from .processing import OUTPUT_TYPES, to_pil, video_frames_for_v2v
+from .processing import OUTPUT_TYPES, load_video_frames, to_pil, video_frames_for_v2v
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["t2v", "i2v", "v2v"]
+Task = Literal["t2v", "i2v", "v2v", "control"]
 V15_SIZE, V15_FRAMES, V15_FPS = (768, 1360), 81, 16
 V15_I2V_SHORT_SIDE, V15_MAX_SIDE = 768, 1360
 CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds")
@@ -242,8 +242,26 @@ def as_prompt_list(prompt: str | Sequence[str] | None, name: str = "prompt") -> 
     raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
 
 
-def resolve_task(image_to_video_checkpoint: bool, image: Any, video: Any) -> Task:
-    """Which generation a call asks for: ``"i2v"`` (image-to-video checkpoints), ``"v2v"`` or ``"t2v"``."""
+def resolve_task(
+    image_to_video_checkpoint: bool, image: Any, video: Any, control_checkpoint: bool = False, control_video: Any = None
+) -> Task:
+    """Which generation a call asks for: ``"i2v"`` (image-to-video checkpoints), ``"control"`` (CogVideoX-Fun
+    control checkpoints), ``"v2v"`` or ``"t2v"``."""
+    if control_checkpoint:
+        if control_video is None:
+            raise ValueError(
+                "this is a CogVideoX-Fun control checkpoint: pass control_video= (the pose, depth or edge video "
+                "that guides the motion: a path or a list of frames)"
+            )
+        if image is not None or video is not None:
+            raise ValueError("CogVideoX-Fun control checkpoints take control_video=, not image= or video=")
+        return "control"
+    if control_video is not None:
+        raise ValueError(
+            "control_video= needs a CogVideoX-Fun control checkpoint (its transformer takes noise + control-video "
+            "latents, e.g. alibaba-pai/CogVideoX-Fun-V1.1-5b-Pose); this one is "
+            f"{'image' if image_to_video_checkpoint else 'text'}-to-video"
+        )
     if image_to_video_checkpoint:
         if image is None:
             raise ValueError("this is an image-to-video checkpoint: pass image= (a path, PIL image or array)")
@@ -256,6 +274,28 @@ def resolve_task(image_to_video_checkpoint: bool, image: Any, video: Any) -> Tas
             "this one is text-to-video (for video-to-video pass video=)"
         )
     return "v2v" if video is not None else "t2v"
+
+
+def control_frames(control_video: Any, num_frames: int | None, height: Any, width: Any) -> tuple[list, int, int]:
+    """The control video as PIL frames, all of one size, and (height, width): the frames' own size, which an
+    explicit ``height``/``width`` must equal (the control latents are joined to the noise position by position)."""
+    frames = [to_pil(frame) for frame in load_video_frames(control_video, "control_video")]
+    if num_frames is not None and len(frames) != num_frames:
+        raise ValueError(
+            f"control_video has {len(frames)} frames but num_frames={num_frames}: they must be equal (leave "
+            "num_frames out to take the control video's count)"
+        )
+    sizes = {frame.size for frame in frames}
+    if len(sizes) > 1:
+        raise ValueError(f"control_video frames have different sizes {sorted(sizes)}: resize them to one size")
+    frame_w, frame_h = sizes.pop()
+    for name, asked, own in (("height", height, frame_h), ("width", width, frame_w)):
+        if asked is not None and asked != own:
+            raise ValueError(
+                f"{name}={asked} but the control_video frames are {frame_w}x{frame_h} (width x height): resize the "
+                f"control video, or leave {name} out to take its size"
+            )
+    return frames, frame_h, frame_w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +317,7 @@ class Request:
     shape: tuple[int, ...]
     pad_frames: int
     images: list | None = None
-    video_frames: list | None = None
+    video_frames: list | None = None  # v2v: the input video; control: the control video
 
 
 def resolve(
@@ -301,9 +341,12 @@ def resolve(
     output_type: str,
     callback_tensors: Sequence[str],
     max_sequence_length: Any,
+    control: bool = False,
+    control_video: Any = None,
 ) -> Request:
-    """Check every argument of a pipeline call and fill in the defaults; see the module docstring."""
-    task = resolve_task(image_to_video, image, video)
+    """Check every argument of a pipeline call and fill in the defaults; see the module docstring. ``control``:
+    the checkpoint is a CogVideoX-Fun control model (``control_video`` required)."""
+    task = resolve_task(image_to_video, image, video, control, control_video)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
     per_prompt = as_int(num_videos_per_prompt, "num_videos_per_prompt", "a positive integer")
@@ -332,7 +375,12 @@ def resolve(
     if task == "i2v":
         images = [to_pil(i) for i in (image if isinstance(image, (list, tuple)) else [image])]
         image_size = images[0].size
-    if num_frames is None and task != "v2v":
+    if task == "control":
+        if num_frames is not None:
+            num_frames = check_num_frames(num_frames, config, temporal=codec.temporal)
+        video_frames, height, width = control_frames(control_video, num_frames, height, width)
+        num_frames = check_num_frames(len(video_frames), config, temporal=codec.temporal)
+    if num_frames is None and task not in ("v2v", "control"):
         num_frames = default_num_frames(config)
     if num_frames is not None:  # before a video is read: a bad count costs nothing
         num_frames = check_num_frames(num_frames, config, temporal=codec.temporal)

@@ -40,6 +40,13 @@ VARIANTS = {
         "vae": {"scaling_factor": 0.7},
         "i2v": True,
     },
+    # CogVideoX-Fun control (alibaba-pai): noise + control-video latents; the reference pipeline runs DDIM only.
+    "5b-control": {
+        "transformer": {"use_rotary_positional_embeddings": True, "in_channels": 8},
+        "scheduler": "CogVideoXDDIMScheduler",
+        "vae": {"scaling_factor": 0.7},
+        "control": True,
+    },
     "1.5": {
         "transformer": {"use_rotary_positional_embeddings": True, "patch_size_t": 2, "patch_bias": False},
         "scheduler": "CogVideoXDPMScheduler",
@@ -102,7 +109,11 @@ def reference_pipeline(variant: str, root: Path, seed: int = 0, transformer_over
     # A quieter decoder keeps decoded pixels inside [-1, 1], so clamping hides no difference.
     with torch.no_grad():
         vae.decoder.conv_out.conv.weight.mul_(0.2)
-    pipeline_class = diffusers.CogVideoXImageToVideoPipeline if spec.get("i2v") else diffusers.CogVideoXPipeline
+    pipeline_class = diffusers.CogVideoXPipeline
+    if spec.get("i2v"):
+        pipeline_class = diffusers.CogVideoXImageToVideoPipeline
+    elif spec.get("control"):
+        pipeline_class = diffusers.CogVideoXFunControlPipeline
     pipe = pipeline_class(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )

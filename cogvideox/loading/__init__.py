@@ -6,7 +6,7 @@ from .component import load_component
 from .dtypes import check_dtype
 from .files import find_weight_files, iter_tensors
 from .hub import PIPELINE_FILES, component_folder, is_hub_id, resolve_pretrained
-from .model_index import PIPELINE_CLASSES, is_image_to_video, read_model_index
+from .model_index import PIPELINE_CLASSES, is_control, is_image_to_video, read_model_index
 from .sat import convert_sat, load_sat_transformer, read_sat_checkpoint, sat_transformer_state_dict, sat_vae_state_dict
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "convert_sat",
     "find_weight_files",
     "is_hub_id",
+    "is_control",
     "is_image_to_video",
     "iter_tensors",
     "load_component",

@@ -2,13 +2,12 @@
 
 The pipeline classes accepted are diffusers' four CogVideoX pipelines (``diffusers/pipelines/cogvideo/``): their
 folders hold the same five components in the same layout, which is all the loader reads. Only
-``CogVideoXImageToVideoPipeline`` changes how the checkpoint is used (its transformer takes image latents). A
-CogVideoX-Fun control folder is not image-to-video although its transformer also has 32 input channels (noise +
-control-video latents), which is why the class name matters there; until control videos are supported, the
-``Pipeline`` refuses that transformer when it is built (its channels fit no conditioning it makes). Any other class
-(another model family, or a CogVideoX-Fun inpainting folder, whose transformer takes a mask as well) is refused
-instead of being run wrongly. A folder without ``model_index.json`` (a hand-assembled one) is allowed: the pipeline
-then infers image-to-video from the transformer's input channels.
+``CogVideoXImageToVideoPipeline`` and ``CogVideoXFunControlPipeline`` change how the checkpoint is used (their
+transformers take image latents, or control-video latents, after the noise): both have 32 input channels, which is
+why the class name matters (:func:`is_image_to_video`, :func:`is_control`). Any other class (another model family, or a CogVideoX-Fun
+inpainting folder, whose transformer takes a mask as well) is refused instead of being run wrongly. A folder
+without ``model_index.json`` (a hand-assembled one) is allowed: the pipeline then infers image-to-video from the
+transformer's input channels.
 """
 
 from __future__ import annotations
@@ -49,6 +48,16 @@ def read_model_index(root: str | Path) -> dict[str, Any] | None:
             "saved under another class name, set '_class_name' to the matching class above"
         )
     return index
+
+
+CONTROL_PIPELINE_CLASSES = ("CogVideoXFunControlPipeline",)
+
+
+def is_control(root: str | Path) -> bool:
+    """True when ``root``'s ``model_index.json`` names ``CogVideoXFunControlPipeline`` (a CogVideoX-Fun control
+    checkpoint: the transformer takes noise + control-video latents)."""
+    index = read_model_index(root)
+    return index is not None and index.get("_class_name") in CONTROL_PIPELINE_CLASSES
 
 
 def is_image_to_video(root: str | Path) -> bool | None:
