@@ -83,15 +83,8 @@ def denoise(
     for i, t in enumerate(steps):
         if interrupted is not None and interrupted():
             break
-        model_input = torch.cat([latents, latents]) if guided else latents
-        model_input = sampler.scale_model_input(model_input, t)
-        if condition is not None:
-            model_input = torch.cat([model_input, torch.cat([condition, condition]) if guided else condition], dim=2)
-        prediction = model(model_input, text_embeds, timesteps[i].expand(model_input.shape[0])).float()
-        if guided:
-            scale = dynamic_guidance_scale(guidance_scale, t, num_steps) if dynamic_guidance else guidance_scale
-            uncond, cond = prediction.chunk(2)
-            prediction = classifier_free_guidance(uncond, cond, scale)
+        scale = dynamic_guidance_scale(guidance_scale, t, num_steps) if dynamic_guidance and guided else guidance_scale
+        prediction = predict(model, sampler, latents, t, timesteps[i], text_embeds, scale, condition, guided=guided)
         result = sampler.step(prediction, t, latents, state, generator=generator, eta=eta)
         latents, state = result.prev_sample.to(dtype), result.state
 
@@ -109,6 +102,32 @@ def denoise(
     if check_finite_every:
         raise_if_nonfinite(first_nonfinite, steps)
     return latents
+
+
+def predict(
+    model: ModelFn,
+    sampler: Sampler,
+    latents: torch.Tensor,
+    t: float,
+    timestep: torch.Tensor,
+    text_embeds: torch.Tensor,
+    guidance_scale: float,
+    condition: torch.Tensor | None = None,
+    *,
+    guided: bool,
+) -> torch.Tensor:
+    """The model's float32 prediction at ``latents`` and timestep ``t`` (``timestep``: the same as a 0-dim tensor
+    on the latents' device), ``guided`` by classifier-free guidance with weight ``guidance_scale`` (the model then
+    sees both halves: ``text_embeds`` holds the negative rows first), with ``condition`` joined on channels."""
+    model_input = torch.cat([latents, latents]) if guided else latents
+    model_input = sampler.scale_model_input(model_input, t)
+    if condition is not None:
+        model_input = torch.cat([model_input, torch.cat([condition, condition]) if guided else condition], dim=2)
+    prediction = model(model_input, text_embeds, timestep.expand(model_input.shape[0])).float()
+    if not guided:
+        return prediction
+    uncond, cond = prediction.chunk(2)
+    return classifier_free_guidance(uncond, cond, guidance_scale)
 
 
 def raise_if_nonfinite(first_nonfinite: torch.Tensor, timesteps: list) -> None:
@@ -141,4 +160,12 @@ def diffusers_callback(
     return on_step
 
 
-__all__ = ["CHECK_FINITE_EVERY", "ModelFn", "StepCallback", "denoise", "diffusers_callback", "raise_if_nonfinite"]
+__all__ = [
+    "CHECK_FINITE_EVERY",
+    "ModelFn",
+    "StepCallback",
+    "denoise",
+    "diffusers_callback",
+    "predict",
+    "raise_if_nonfinite",
+]

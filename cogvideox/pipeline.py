@@ -363,12 +363,13 @@ class Pipeline(PipelineSwitches):
         encoded = self._encode_fitting(pixels, encode).to(self.device)
         return encoded.expand(req.batch, -1, -1, -1, -1)
 
-    def _model_fn(self, guided: bool) -> ModelFn:
+    def _model_fn(self, guided: bool, *, cached: bool = True) -> ModelFn:
         """The transformer as the denoising loop's model callable (with ``ofs`` for 1.5-I2V), wrapped by the step
-        cache and for guidance parallelism when those are on."""
+        cache (unless ``cached`` is False: inversion computes every step) and for guidance parallelism when those
+        are on."""
         ofs = self.latent_codec.ofs(1, self.device, self.dtype)
         model = functools.partial(self.transformer, ofs=ofs) if ofs is not None else self.transformer
-        if self.step_cache is not None:  # inside the guidance split: the cache sees what its rank computes
+        if self.step_cache is not None and cached:  # inside the guidance split: the cache sees its rank's work
             model = self.step_cache.wrap_model(model)
         return model if self.parallel is None else self.parallel.wrap_model(model, guided)
 
@@ -549,6 +550,86 @@ class Pipeline(PipelineSwitches):
         tokens = -(-frames // pt) * (height // p) * (width // p) + req.max_sequence_length
         batch = req.batch * (2 if req.guided else 1)
         return pass_flops(config.inner_dim, config.num_layers, tokens, batch)
+
+    # ------------------------------------------------------------------------------------------------ inversion
+
+    @torch.no_grad()
+    @fail_together_when_parallel
+    def invert(
+        self,
+        video: Any,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        fixed_point_iterations: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+    ) -> torch.Tensor:
+        """DDIM inversion (:mod:`cogvideox.inversion`, docs/editing.md): the starting latents from which
+        ``pipe(prompt, latents=..., num_inference_steps=N, guidance_scale=w)`` regenerates ``video``; regenerate
+        with another prompt to edit it. Text-to-video checkpoints, with the DDIM sampler
+        (``pipe.set_sampler("ddim")``).
+
+        Args:
+            video: a path or a list of frames (the first ``num_frames``, default the longest 4k+1 prefix), resized
+                to ``height x width`` (default: the checkpoint's size), encoded to the posterior's mean.
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length: as in a call;
+                usually the prompt that describes the video.
+            num_inference_steps: the DDIM steps; regenerate with the same number.
+            guidance_scale: guidance of the model outputs while inverting (default 1: none, the most faithful
+                reconstruction); regenerating with the same weight and prompt gives the video back.
+            fixed_point_iterations: extra model passes per step that solve each inverse step for the model output
+                at its own result (0: plain DDIM inversion).
+        Returns:
+            ``[B, F' + pad, C, H/8, W/8]`` latents in the pipeline's dtype (``B``: one per prompt).
+        """
+        from .inversion import invert, require_ddim
+
+        sampler = require_ddim(self.sampler)
+        if self.image_to_video or self.control:
+            raise ValueError(
+                "invert() works with text-to-video checkpoints; this one is "
+                f"{'image-to-video' if self.image_to_video else 'a CogVideoX-Fun control model'}"
+            )
+        iterations = request.as_int(fixed_point_iterations, "fixed_point_iterations", "0 or more")
+        if iterations < 0:
+            raise ValueError(f"fixed_point_iterations={fixed_point_iterations}: must be 0 or more")
+        req = request.resolve(
+            self.transformer.config, self.latent_codec, image_to_video=False, prompt=prompt,
+            negative_prompt=negative_prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            image=None, video=video, strength=1.0, height=height, width=width, num_frames=num_frames,
+            guidance_scale=guidance_scale, num_videos_per_prompt=1, latents=None, output_type="latent",
+            callback_tensors=(), max_sequence_length=max_sequence_length,
+        )  # fmt: skip
+        request.check_dtypes(self.transformer, self.vae, self.device, decodes=True)
+        if self.memory.setting is not None:
+            self._follow_plan(_call_size(req, "latent"), at_call=True)
+        threads = threads_for_call(self.device, self._pass_flops(req), self.cpu_threads)
+        with intra_op_threads(threads):
+            timesteps = sampler.set_timesteps(num_inference_steps, self.device)
+            positive, negative = self.encode_prompt(
+                req.prompts, negative_prompt, do_classifier_free_guidance=req.guided, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=req.max_sequence_length,
+            )  # fmt: skip
+            embeds = torch.cat([negative, positive]) if req.guided else positive
+            self.memory.activate("vae")
+            pixels = video_to_tensor(req.video_frames, req.height, req.width)[None]
+            encode = functools.partial(self.latent_codec.encode_video, dtype=self.dtype, mode=True)
+            clean = self._encode_fitting(pixels, encode).to(self.device).expand(req.batch, -1, -1, -1, -1)
+            progress = tqdm(total=len(timesteps), **{"desc": "inverting", **self.progress_bar_config})
+            try:
+                model = self._model_fn(req.guided, cached=False)
+                return invert(model, sampler, clean, timesteps, embeds, guidance_scale=req.guidance_scale,
+                              fixed_point_iterations=iterations, on_step_end=progress.update)  # fmt: skip
+            finally:
+                progress.close()
+                self.memory.release()
 
     # ------------------------------------------------------------------------------------------------ decoding
 

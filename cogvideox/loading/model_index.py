@@ -4,10 +4,10 @@ The pipeline classes accepted are diffusers' four CogVideoX pipelines (``diffuse
 folders hold the same five components in the same layout, which is all the loader reads. Only
 ``CogVideoXImageToVideoPipeline`` and ``CogVideoXFunControlPipeline`` change how the checkpoint is used (their
 transformers take image latents, or control-video latents, after the noise): both have 32 input channels, which is
-why the class name matters (:func:`is_image_to_video`, :func:`is_control`). Any other class (another model family, or a CogVideoX-Fun
-inpainting folder, whose transformer takes a mask as well) is refused instead of being run wrongly. A folder
-without ``model_index.json`` (a hand-assembled one) is allowed: the pipeline then infers image-to-video from the
-transformer's input channels.
+why the class name matters (:func:`is_image_to_video`, :func:`is_control`). Any other class (another model
+family, or a CogVideoX-Fun inpainting folder, whose transformer takes a mask as well) is refused instead of being
+run wrongly. A folder without ``model_index.json`` (a hand-assembled one) is allowed: the pipeline then infers
+image-to-video from the transformer's input channels.
 """
 
 from __future__ import annotations

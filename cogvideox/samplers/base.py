@@ -187,6 +187,15 @@ class Sampler:
             return (sample - (1 - alpha_t) ** 0.5 * model_output) / alpha_t**0.5
         return model_output  # "sample": the model predicts x0 itself
 
+    def x0_coefficients(self, alpha_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with :meth:`predict_x0` = ``A * sample + B * model_output`` (it is affine in both)."""
+        kind = self.config.prediction_type
+        if kind == "v_prediction":
+            return alpha_t**0.5, -((1 - alpha_t) ** 0.5)
+        if kind == "epsilon":
+            return 1 / alpha_t**0.5, -((1 - alpha_t) ** 0.5) / alpha_t**0.5
+        return torch.zeros_like(alpha_t), torch.ones_like(alpha_t)
+
     def step(
         self,
         model_output: torch.Tensor,
