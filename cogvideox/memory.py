@@ -100,13 +100,14 @@ def choose_vae_mode(
     budget: int | None,
     *,
     tiles: bool = True,
+    slices: bool = True,
 ) -> tuple[str, int]:
     """(mode, estimated bytes): the first of :data:`VAE_MODES` whose ``estimate(tile, sliced)`` fits ``budget``
     (the last one tried when none fits; untiled when the budget is unknown). ``tiles=False`` tries only the exact
-    modes. A VAE its user set to tile or slice stays so."""
+    modes, ``slices=False`` too leaves the VAE as it is set. A VAE its user set to tile or slice stays so."""
     tile = vae_tile(vae) if vae.use_tiling else None
     options = [("untiled", tile, None)]
-    if batch > 1 and not vae.use_slicing:
+    if batch > 1 and not vae.use_slicing and slices:
         options.append(("sliced", tile, True))
     if tile is None and tiles:
         options.append(("tiled", vae_tile(vae), batch > 1 or None))
@@ -115,6 +116,15 @@ def choose_vae_mode(
         if budget is None or need <= budget:
             return mode, need
     return options[-1][0], need
+
+
+def require_device(device: torch.device, what: str) -> None:
+    """Raise, naming ``what`` asked for it, when ``device`` is a CUDA device this PyTorch build or machine lacks."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{what}{device}: CUDA is not available in this PyTorch build or machine (torch {torch.__version__}); "
+            "use device='cpu', or install the CUDA build of torch for your driver"
+        )
 
 
 def free_device_bytes(device: torch.device) -> int | None:
@@ -158,11 +168,7 @@ class MemoryManager:
         if mode not in OFFLOAD_MODES[1:]:
             raise ValueError(f"offload mode {mode!r}: choose 'text', 'model' or 'sequential'")
         device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"offload to {device}: CUDA is not available in this PyTorch build or machine; pass the device "
-                "that computes, e.g. device='cuda:0', or run without offload"
-            )
+        require_device(device, "offload to ")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.disable()

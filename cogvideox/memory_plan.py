@@ -187,7 +187,7 @@ def text_encode_bytes(config: Any, size: CallSize, dtype: torch.dtype) -> int:
 
 
 def _vae_phase(
-    kind: str, vae: Any, size: CallSize, budget: int | None, latent_channels: int, tiles: bool
+    kind: str, vae: Any, size: CallSize, budget: int | None, latent_channels: int, tiles: bool, slices: bool
 ) -> tuple[str, int]:
     """(VAE mode, bytes) of the encode or decode of this call within ``budget`` (see ``choose_vae_mode``)."""
     spatial, temporal = vae.spatial_compression, vae.temporal_compression
@@ -195,11 +195,11 @@ def _vae_phase(
         frames = 1 if size.encode == "image" else size.frames
         shape = (1, 3, frames, size.height, size.width)  # the pipeline encodes one image or video at a time
         estimate = lambda tile, sliced: vae_encode_bytes(vae, shape, tile=tile, sliced=sliced)  # noqa: E731
-        return choose_vae_mode(estimate, vae, 1, budget, tiles=tiles)
+        return choose_vae_mode(estimate, vae, 1, budget, tiles=tiles, slices=slices)
     shape = (size.batch, latent_channels, (size.frames - 1) // temporal + 1, size.height // spatial,
              size.width // spatial)  # fmt: skip
     estimate = lambda tile, sliced: vae_decode_bytes(vae, shape, tile=tile, sliced=sliced)  # noqa: E731
-    return choose_vae_mode(estimate, vae, size.batch, budget, tiles=tiles)
+    return choose_vae_mode(estimate, vae, size.batch, budget, tiles=tiles, slices=slices)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -291,9 +291,11 @@ def plan_for_mode(
     weights: Weights | None = None,
     chosen_by: str = "auto",
     tiles: bool = True,
+    slices: bool = True,
 ) -> MemoryPlan:
     """The plan of offload ``mode`` for a call of ``size`` (components may live on the meta device); ``tiles``:
-    whether the VAE may tile (else only its exact modes are tried)."""
+    whether the VAE may tile (else only its exact modes are tried); ``slices``: whether it may decode one video at
+    a time (False with ``tiles`` False: the VAE runs as it is set)."""
     weights = weights or Weights.of(text_encoder, transformer, vae)
     t5, dit, ae = weights.text_encoder, weights.transformer, weights.vae
     resident = {  # weights on the device during (prompt encode, VAE encode, denoise, decode)
@@ -305,7 +307,8 @@ def plan_for_mode(
     config = transformer.config
     spatial, temporal = vae.spatial_compression, vae.temporal_compression
     dtype = transformer.dtype
-    phases = [Phase("encoding the prompt", resident[0], text_encode_bytes(text_encoder.config, size, dtype))]
+    text_dtype = getattr(text_encoder, "dtype", dtype)
+    phases = [Phase("encoding the prompt", resident[0], text_encode_bytes(text_encoder.config, size, text_dtype))]
     state = call_state_bytes(config, size, dtype, spatial, temporal)
 
     def budget(weights_now: int) -> int | None:
@@ -318,13 +321,13 @@ def plan_for_mode(
 
     encode_mode = decode_mode = None
     if size.encode:
-        encode_mode, need = _vae_phase("encode", vae, size, budget(resident[1]), config.output_channels, tiles)
+        encode_mode, need = _vae_phase("encode", vae, size, budget(resident[1]), config.output_channels, tiles, slices)
         phases.append(Phase(f"encoding the {size.encode}", resident[1], state + need))
     phases.append(
         Phase("denoising", resident[2], state + transformer_step_bytes(config, size, dtype, spatial, temporal))
     )
     if size.decodes:
-        decode_mode, need = _vae_phase("decode", vae, size, budget(resident[3]), config.output_channels, tiles)
+        decode_mode, need = _vae_phase("decode", vae, size, budget(resident[3]), config.output_channels, tiles, slices)
         phases.append(Phase("decoding", resident[3], state + need))
     return MemoryPlan(mode, size, tuple(phases), encode_mode, decode_mode, capacity, device, chosen_by)
 
@@ -355,10 +358,12 @@ def plan_memory(
 ) -> MemoryPlan:
     """The plan named by ``memory``, or for ``"auto"`` the first of :func:`candidates` (over ``modes``) whose peak
     fits ``capacity`` (the last one, not fitting, when none does: the caller says so). ``vae_may_tile=False``: the
-    VAE never tiles on its own (``pipe.set_vae_memory_budget(auto_tiling=False)``)."""
+    VAE never tiles or slices on its own (``pipe.set_vae_memory_budget(auto_tiling=False)``)."""
     check_plan_name(memory)
     weights = Weights.of(text_encoder, transformer, vae)
     options = {"device": device, "vae_budget": vae_budget, "weights": weights}
+    # The VAE's automatic modes follow pipe.set_vae_memory_budget(auto_tiling=...): off, it runs as it is set.
+    options["slices"] = vae_may_tile
     if memory != "auto":
         return plan_for_mode(memory, text_encoder, transformer, vae, size, capacity, chosen_by=f"memory={memory!r}",
                              tiles=vae_may_tile, **options)  # fmt: skip

@@ -108,7 +108,8 @@ def require_not_streamed(module: nn.Module, switch: str) -> None:
         raise RuntimeError(
             f"{switch} cannot change the layers of blocks that sequential CPU offload is streaming (the streamer "
             f"moves only the tensors the blocks held when it started): call {switch} before "
-            f"enable_sequential_cpu_offload(), or call disable_cpu_offload() first and enable the offload again after"
+            f"enable_sequential_cpu_offload(), or call disable_cpu_offload() first and enable the offload again after "
+            "(under a memory plan: pipe.set_memory_plan('model'), the switch, then pipe.set_memory_plan('auto'))"
         )
 
 

@@ -31,7 +31,7 @@ from .denoise import ModelFn, denoise, diffusers_callback
 from .distributed import ParallelConfig, ParallelInference
 from .latents import LatentCodec
 from .loading import PIPELINE_FILES, check_dtype, is_control, is_image_to_video, resolve_pretrained
-from .memory import MemoryManager
+from .memory import MemoryManager, require_device
 from .memory_plan import CallSize, check_plan_name
 from .processing import image_to_tensor, postprocess_video, video_to_tensor
 from .protocols import Sampler, check_sampler
@@ -170,6 +170,7 @@ class Pipeline(PipelineSwitches):
             sampler_overrides: scheduler config fields to change, e.g. ``timestep_spacing="trailing"`` (not with
                 a sampler object: configure that one yourself).
         """
+        require_device(torch.device(device), "device=")  # before minutes of loading
         memory = _memory_setting(memory, text_encoder_offload, torch.device(device))
         demo = path_or_hub_id is None
         if demo:
@@ -480,8 +481,6 @@ class Pipeline(PipelineSwitches):
         request.check_dtypes(
             self.transformer, self.vae, self.device, decodes=req.task != "t2v" or output_type != "latent"
         )
-        if self.memory.setting is not None:  # re-plan for this call's size before any work (may move components)
-            self._follow_plan(_call_size(req, output_type), at_call=True)
         # A tiny model runs faster on one CPU thread, and much faster on a busy machine (cogvideox/threads.py).
         threads = threads_for_call(self.device, self._pass_flops(req), self.cpu_threads)
         with intra_op_threads(threads):
@@ -490,10 +489,14 @@ class Pipeline(PipelineSwitches):
                 timesteps, num_steps = sampler.timesteps_for_strength(num_inference_steps, req.strength, self.device)
             else:
                 timesteps, num_steps = sampler.set_timesteps(num_inference_steps, self.device), num_inference_steps
-
+            split = self.parallel is not None and self.parallel.guidance is not None and req.guided
             if self.step_cache is not None:  # before the first collective: a refusal here tears nothing down
-                split = self.parallel is not None and self.parallel.guidance is not None and req.guided
                 self.step_cache.check_parallel(split)
+            if self.memory.setting is not None:
+                # Re-plan for this call's size after every check (a refused call moves no weights), before any
+                # work. The execution device is the plan's in every mode, so the timesteps stay where they are.
+                self._follow_plan(_call_size(req, output_type), at_call=True)
+            if self.step_cache is not None:
                 self.step_cache.reduce = None if self.parallel is None else self.parallel.sum_over_ranks
                 self.step_cache.begin_call(timesteps.tolist(), req.guided)
             if self.parallel is not None:  # every rank draws the same numbers (DPM noise too)
@@ -517,6 +520,7 @@ class Pipeline(PipelineSwitches):
             callback = None
             if callback_on_step_end is not None:
                 callback = diffusers_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, negative)
+            previous_riflex = getattr(self.transformer, "riflex", None)
             try:
                 if riflex_setting is not None:
                     self.transformer.set_riflex(riflex_setting)
@@ -532,7 +536,7 @@ class Pipeline(PipelineSwitches):
                     frames = None if video is None else postprocess_video(video, output_type)
             finally:
                 if riflex_setting is not None:
-                    self.transformer.set_riflex(None)
+                    self.transformer.set_riflex(previous_riflex)
                 progress.close()
                 if self.step_cache is not None:
                     self.step_cache.end_call()
@@ -608,11 +612,11 @@ class Pipeline(PipelineSwitches):
             callback_tensors=(), max_sequence_length=max_sequence_length,
         )  # fmt: skip
         request.check_dtypes(self.transformer, self.vae, self.device, decodes=True)
-        if self.memory.setting is not None:
-            self._follow_plan(_call_size(req, "latent"), at_call=True)
         threads = threads_for_call(self.device, self._pass_flops(req), self.cpu_threads)
         with intra_op_threads(threads):
             timesteps = sampler.set_timesteps(num_inference_steps, self.device)
+            if self.memory.setting is not None:  # after every check, as in a call
+                self._follow_plan(_call_size(req, "latent"), at_call=True)
             positive, negative = self.encode_prompt(
                 req.prompts, negative_prompt, do_classifier_free_guidance=req.guided, prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=req.max_sequence_length,
@@ -621,7 +625,10 @@ class Pipeline(PipelineSwitches):
             self.memory.activate("vae")
             pixels = video_to_tensor(req.video_frames, req.height, req.width)[None]
             encode = functools.partial(self.latent_codec.encode_video, dtype=self.dtype, mode=True)
-            clean = self._encode_fitting(pixels, encode).to(self.device).expand(req.batch, -1, -1, -1, -1)
+            clean = self._encode_fitting(pixels, encode).to(self.device)
+            if self.parallel is not None:  # rank 0's encode and embeddings everywhere, as in a call
+                clean, _, embeds = self.parallel.same_on_every_rank(clean, None, embeds)
+            clean = clean.expand(req.batch, -1, -1, -1, -1)
             progress = tqdm(total=len(timesteps), **{"desc": "inverting", **self.progress_bar_config})
             try:
                 model = self._model_fn(req.guided, cached=False)
@@ -642,8 +649,11 @@ class Pipeline(PipelineSwitches):
         self.memory.activate("vae")
         decode = self.vae.decode if self.parallel is None else functools.partial(self.parallel.decode, self.vae)
         mode = self.memory.vae_mode(self.vae, "decode", tuple(z.shape), self.vae.device)
-        if self.parallel is not None and self.parallel.any_rank(mode != "untiled"):
-            mode = "tiled"  # free memory differs between ranks: tile everywhere if any rank must
+        if self.parallel is not None:  # free memory differs between ranks: the smallest mode any rank needs
+            if self.parallel.any_rank(mode == "tiled"):
+                mode = "tiled"
+            elif self.parallel.any_rank(mode == "sliced"):
+                mode = "sliced"
         with _vae_running(self.vae, mode):
             return decode(z.to(self.vae.device, self.vae.dtype))
 

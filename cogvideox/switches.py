@@ -13,11 +13,12 @@ hold between switches:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 
 from .cache import StepCache, make_cache
 from .distributed import ParallelConfig, ParallelInference
-from .memory import MemoryManager
+from .memory import MemoryManager, require_device
 from .memory_plan import (
     MODE_NAMES,
     MODES,
@@ -154,6 +155,7 @@ class PipelineSwitches:
         None when no plan is needed because the device's free memory is unknown (the CPU)."""
         check_plan_name(memory)
         device = _concrete(torch.device(device) if device is not None else self.device)
+        require_device(device, "set_memory_plan on ")
         if memory in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL and self.parallel is not None:
             raise ValueError(_offload_with_parallel_message(memory))
         if memory == "auto" and self.memory.free_bytes(device) is None:
@@ -184,8 +186,8 @@ class PipelineSwitches:
 
     def _capacity(self, device: torch.device) -> int | None:
         """Bytes this pipeline may use on ``device``: the free memory, plus on CUDA what its own tensors occupy
-        there now (they move when the plan changes). A simulated device (``memory.free_bytes`` replaced) reports
-        its figure as it is."""
+        there now (they move when the plan changes). Elsewhere (a simulated device: ``memory.free_bytes`` replaced
+        to report a figure for the CPU) the figure is taken as it is."""
         free = self.memory.free_bytes(device)
         if free is None or device.type != "cuda":
             return free
@@ -241,6 +243,22 @@ class PipelineSwitches:
                 MODE_NAMES[plan.mode], tiles, format_bytes(plan.peak), plan.peak_phase, free,
             )  # fmt: skip
 
+    @contextlib.contextmanager
+    def _plan_offload_paused(self) -> Iterator[None]:
+        """Run a switch that cannot run under model or sequential offload (layer changes inside streamed blocks,
+        parallel inference) when a memory plan installed that offload: the offload is removed for the switch, and
+        the plan places the components again after it, for the size of its last call."""
+        if self.memory.setting is None or self.memory.mode not in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL:
+            yield
+            return
+        size = self.memory.plan.size if self.memory.plan is not None else self._default_call_size()
+        self.memory.disable()
+        self.memory.applied = None
+        try:
+            yield
+        finally:
+            self._follow_plan(size, at_call=False)
+
     def _place(self, mode: str, device: torch.device) -> None:
         """Put the components where offload ``mode`` wants them on ``device``."""
         self.memory.disable()
@@ -279,13 +297,18 @@ class PipelineSwitches:
         An error on one rank ends the call on all (docs/distributed.md). Callbacks must act alike on every rank
         (an ``interrupt`` set on one rank only leaves the others waiting until the timeout).
         """
-        if self.memory.mode in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL:
+        if self.memory.mode in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL and self.memory.setting is None:
             raise ValueError(_offload_with_parallel_message(self.memory.mode))
-        self.disable_parallel()
         config = config or ParallelConfig(ulysses_degree=ulysses_degree, cfg_degree=cfg_degree)
         if self.step_cache is not None:
             self.step_cache.check_parallel(config.cfg_degree > 1)
-        self.parallel = ParallelInference(self.transformer, config, group, timeout=timeout)
+        if self.memory.setting in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL:
+            raise ValueError(_offload_with_parallel_message(self.memory.setting))
+        # An offload the memory plan chose is replaced by the plan itself, which then keeps to the modes parallel
+        # inference allows (everything resident, or the text encoder's offload).
+        with self._plan_offload_paused():
+            self.disable_parallel()
+            self.parallel = ParallelInference(self.transformer, config, group, timeout=timeout)
         return self.parallel
 
     def disable_parallel(self) -> None:
@@ -334,7 +357,8 @@ class PipelineSwitches:
         its name. ``kwargs``: ``allow_pickle``, ``revision``, ``cache_dir``. See :mod:`cogvideox.lora`."""
         from . import lora
 
-        name = lora.load_lora(self.transformer, path_or_hub_id, adapter_name, scale, **kwargs)
+        with self._plan_offload_paused():  # the plan's sequential offload records each block's tensors
+            name = lora.load_lora(self.transformer, path_or_hub_id, adapter_name, scale, **kwargs)
         self._reattach_cache()
         return name
 
@@ -362,5 +386,6 @@ class PipelineSwitches:
         """Remove every adapter (fused ones stay in the weights: unfuse first to drop them)."""
         from . import lora
 
-        lora.unload_lora(self.transformer)
+        with self._plan_offload_paused():
+            lora.unload_lora(self.transformer)
         self._reattach_cache()

@@ -209,6 +209,48 @@ def test_auto_re_plans_for_each_call_size(baseline, caplog):
     assert pipe.memory_plan.mode == "none" and pipe.memory.mode is None  # back to resident for the small call
 
 
+def test_a_refused_call_moves_nothing():
+    pipe = _demo()
+    _simulate(pipe, _peaks(pipe, pipe._default_call_size())["none"])
+    plan = pipe.set_memory_plan("auto", "cpu")
+    with pytest.raises(ValueError, match="num_inference_steps=0"):
+        _frames(pipe, num_videos_per_prompt=3, num_inference_steps=0)  # three videos would need another plan
+    assert pipe.memory.mode is None and pipe.memory_plan is plan
+
+
+def test_without_automatic_tiling_the_plan_counts_on_no_slicing_either():
+    pipe = _demo()
+    _simulate(pipe, 30 * 2**20)  # three videos decoded at once (~24.5 MiB with the VAE) fit, not with all weights
+    pipe.set_vae_memory_budget(auto_tiling=False)
+    pipe.set_memory_plan("auto", "cpu")
+    decoded = []
+    original = pipe.vae.decode
+    pipe.vae.decode = lambda z: decoded.append((z.shape[0], pipe.vae.use_slicing)) or original(z)
+    _frames(pipe, num_videos_per_prompt=3)
+    assert pipe.memory_plan.vae_decode == "untiled"  # as the VAE runs: the whole batch at once
+    assert decoded == [(3, False)]
+
+
+def test_lora_switches_work_under_the_plans_sequential_offload(tmp_path):
+    """A plan that chose sequential offload steps aside for load_lora/unload_lora (which change layers inside
+    the streamed blocks) and places the components again after: the frames are those of a plain pipeline."""
+    from tests.unit.test_lora import lora_tensors, write
+
+    plain = _demo()
+    dim, layers = plain.transformer.config.inner_dim, len(plain.transformer.transformer_blocks)
+    lora = write(tmp_path / "lora.safetensors", lora_tensors(num_layers=layers, dim=dim, seed=5))
+    plain.load_lora(lora)
+    expected = _frames(plain)
+    pipe = _demo()
+    _simulate(pipe, _peaks(pipe, pipe._default_call_size())["sequential"])
+    assert pipe.set_memory_plan("auto", "cpu").mode == "sequential"
+    pipe.load_lora(lora)
+    assert pipe.memory.mode == "sequential" and pipe.memory.setting == "auto"
+    assert torch.equal(_frames(pipe), expected)
+    pipe.unload_lora()
+    assert pipe.memory.mode == "sequential"
+
+
 def test_a_switch_of_the_user_replaces_the_plan(baseline):
     pipe = _demo()
     _simulate(pipe, 10 * GiB)
@@ -243,6 +285,14 @@ def test_auto_where_free_memory_is_unknown_says_no_plan_is_needed(caplog):
     with caplog.at_level(logging.WARNING):
         Pipeline.from_pretrained(memory="auto")
     assert caplog.text.count("no memory plan is needed") == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_cuda_is_refused_before_loading():
+    with pytest.raises(RuntimeError, match="device=cuda: CUDA is not available in this PyTorch build or machine"):
+        Pipeline.from_pretrained("/no/such/folder", device="cuda")
+    with pytest.raises(RuntimeError, match="set_memory_plan on cuda: CUDA is not available"):
+        _demo().set_memory_plan("model", "cuda")
 
 
 def test_unknown_plan_is_refused_before_loading():
