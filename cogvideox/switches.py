@@ -248,7 +248,8 @@ class PipelineSwitches:
         """Run a switch that cannot run under model or sequential offload (layer changes inside streamed blocks,
         parallel inference) when a memory plan installed that offload: the offload is removed for the switch, and
         the plan places the components again after it, for the size of its last call."""
-        if self.memory.setting is None or self.memory.mode not in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL:
+        memory = getattr(self, "memory", None)  # None on a pipeline a fork assembled without __init__
+        if memory is None or memory.setting is None or memory.mode not in _OFFLOAD_MODES_REFUSED_WITH_PARALLEL:
             yield
             return
         size = self.memory.plan.size if self.memory.plan is not None else self._default_call_size()
