@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark set in one go (about 8 minutes on one H100 80GB), most important first:
 #   1. e2e.py     whole 5B pipeline, 49x480x720 bf16, 4 steps, no offload / text-encoder offload / model offload / sequential offload
+#                 / the memory plan's choice, each with the plan's predicted peak next to max_memory_reserved
+#   1b. pytest -m gpu   the opt-in GPU tests (offload exactness on CUDA, the plan's prediction never below the measurement)
 #   2. step.py    one guided 5B step at 49x480x720 bf16, ours vs diffusers, eager
 #   3. vae.py     VAE decode of 49x480x720, ours vs diffusers, tiled and untiled
 #   4. load.py    loading a 5B checkpoint (random weights, published shards) onto the GPU, ours vs diffusers
@@ -40,7 +42,7 @@ SMOKE=0
 WHEELS=${COGVIDEOX_WHEELS:-}
 BUDGET=470
 OUTDIR=${OUT:-}
-ONLY="e2e,step,vae,load,compile"
+ONLY="e2e,gputests,step,vae,load,compile"
 STEPS=4
 
 while [ $# -gt 0 ]; do
@@ -122,15 +124,16 @@ if [ "$SMOKE" = 1 ]; then
     VAE=(benchmarks/vae.py "${DEV[@]}" --latent-frames 3 --height 32 --width 32
          --repeats 1 --no-record)
     LOAD=(benchmarks/load.py "${DEV[@]}" --model CogVideoX-2b --repeats 1 --no-results)
-    LIMITS=(e2e=120 step=120 vae=240 load=240 compile=240)
+    LIMITS=(e2e=120 gputests=120 step=120 vae=240 load=240 compile=240)
 else
     DEV=(--device cuda)
     E2E=(benchmarks/e2e.py "${DEV[@]}" --model CogVideoX-5b --steps "$STEPS")
     STEP=(benchmarks/step.py "${DEV[@]}" --model CogVideoX-5b --repeats 4)
     VAE=(benchmarks/vae.py "${DEV[@]}" --repeats 1)
     LOAD=(benchmarks/load.py "${DEV[@]}" --model CogVideoX-5b --repeats 1)
-    LIMITS=(e2e=170 step=90 vae=110 load=120 compile=240)
+    LIMITS=(e2e=170 gputests=100 step=90 vae=110 load=120 compile=240)
 fi
+GPUTESTS=(-m pytest -q -p no:cacheprovider -m gpu tests)
 
 limit_of() { for pair in "${LIMITS[@]}"; do [ "${pair%%=*}" = "$1" ] && echo "${pair#*=}"; done; }
 FAILED=()
@@ -160,6 +163,7 @@ run_item() {  # name, command...
 }
 
 run_item e2e "${E2E[@]}"
+run_item gputests "${GPUTESTS[@]}"
 run_item step "${STEP[@]}"
 run_item vae "${VAE[@]}"
 run_item load "${LOAD[@]}"
