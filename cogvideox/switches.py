@@ -202,9 +202,20 @@ class PipelineSwitches:
         if capacity is None and setting == "auto":
             return None  # nothing to fit (set_memory_plan said so); a forced mode is still put in place
         modes = MODES if self.parallel is None else ("none", "text")
-        plan = plan_memory(self.text_encoder, self.transformer, self.vae, size, capacity, memory=setting,
-                           modes=modes, device=str(device), vae_budget=self.memory.vae_memory_budget,
-                           vae_may_tile=self.memory.auto_vae_tiling)  # fmt: skip
+        try:
+            plan = plan_memory(self.text_encoder, self.transformer, self.vae, size, capacity, memory=setting,
+                               modes=modes, device=str(device), vae_budget=self.memory.vae_memory_budget,
+                               vae_may_tile=self.memory.auto_vae_tiling)  # fmt: skip
+        except (AttributeError, TypeError) as error:
+            # A fork's component without the configs the estimates read: place the mode without an estimate
+            # ("auto": the text encoder's offload, what loading onto CUDA did before plans existed).
+            mode = "text" if setting == "auto" else setting
+            if self.memory.applied != (mode, device):
+                logger.warning("the memory plan cannot estimate these components (%s); using memory=%r without an "
+                               "estimate (pass memory= to choose another)", error, mode)  # fmt: skip
+                self._place(mode, device)
+            self.memory.plan = None
+            return None
         if not plan.fits:
             self._say_it_does_not_fit(plan, modes, at_call=at_call)
         if self.memory.applied != (plan.mode, device):

@@ -251,6 +251,18 @@ def test_lora_switches_work_under_the_plans_sequential_offload(tmp_path):
     assert pipe.memory.mode == "sequential"
 
 
+def test_components_the_plan_cannot_estimate_get_the_old_default(caplog):
+    """A fork's text encoder without a config: "auto" places the text encoder's offload (what loading onto CUDA
+    did before plans) and says why, instead of failing."""
+    pipe = _demo()
+    _simulate(pipe, 10 * GiB)
+    pipe.text_encoder.config = object()  # no d_model
+    with caplog.at_level(logging.WARNING):
+        assert pipe.set_memory_plan("auto", "cpu") is None
+    assert pipe.memory.mode == "text" and pipe.memory.setting == "auto"
+    assert "the memory plan cannot estimate these components" in caplog.text and "using memory='text'" in caplog.text
+
+
 def test_a_switch_of_the_user_replaces_the_plan(baseline):
     pipe = _demo()
     _simulate(pipe, 10 * GiB)
