@@ -4,7 +4,8 @@ Generates "a red circle moves to the right", inverts it back to its starting noi
 that noise with the same prompt (the reconstruction) and with "a blue circle moves to the right" (the edit), and
 writes the three as GIFs to OUTPUT_FOLDER (default edit-demo/). It prints the PSNR of the reconstruction and what
 ``cogvideox.demo.evaluate`` reads in each video: the edit should be blue and still move to the right (it is: 33.0 dB,
-blue, to the right; 9 s on a 2-core CPU that another job shared). With a published model: ``pipe.set_sampler("ddim")``, then the same calls (docs/editing.md).
+blue, to the right; 9 s on a 2-core CPU that another job shared). With a published model:
+``pipe.set_sampler("ddim")``, then the same calls (docs/editing.md).
 """
 
 import sys
