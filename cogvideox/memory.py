@@ -50,8 +50,18 @@ VAE_MODES = ("untiled", "sliced", "tiled")
 SEQUENTIAL_VAE_BUDGET = 4 * 2**30
 
 
-def _element_size(dtype: torch.dtype) -> int:
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
     return torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_bytes(module: Any, device: torch.device | None = None) -> int:
+    """Bytes of a module's parameters and buffers (each tensor once), as they are now, counting only those on
+    ``device`` when given; 0 for a non-module (a fork's component)."""
+    if not isinstance(module, torch.nn.Module):
+        return 0
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()] if device is None or t.device == device}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def vae_tile(vae: Any) -> tuple[int, int]:
@@ -68,7 +78,7 @@ def vae_decode_bytes(
     batch, _, frames, h, w = latent_shape
     ratio = vae.spatial_compression
     height, width = h * ratio, w * ratio
-    element = _element_size(vae.dtype)
+    element = element_size(vae.dtype)
     sliced = vae.use_slicing if sliced is None else sliced
     batch_at_once = 1 if sliced else batch
     work_h, work_w = (height, width) if tile is None else (min(height, tile[0]), min(width, tile[1]))
@@ -84,7 +94,7 @@ def vae_encode_bytes(
     """Estimated peak bytes of ``vae.encode`` on a video ``[B, 3, F, H, W]`` (the input included), untiled or in
     tiles of ``tile`` pixels; ``sliced`` as in :func:`vae_decode_bytes`."""
     batch, _, frames, height, width = video_shape
-    element = _element_size(vae.dtype)
+    element = element_size(vae.dtype)
     sliced = vae.use_slicing if sliced is None else sliced
     batch_at_once = 1 if sliced else batch
     work_h, work_w = (height, width) if tile is None else (min(height, tile[0]), min(width, tile[1]))

@@ -38,7 +38,14 @@ from typing import Any
 
 import torch
 
-from .memory import SEQUENTIAL_VAE_BUDGET, choose_vae_mode, vae_decode_bytes, vae_encode_bytes
+from .memory import (
+    SEQUENTIAL_VAE_BUDGET,
+    choose_vae_mode,
+    element_size,
+    tensor_bytes,
+    vae_decode_bytes,
+    vae_encode_bytes,
+)
 
 PLANS = ("auto", "none", "text", "model", "sequential")
 MODES = PLANS[1:]  # fastest first
@@ -100,14 +107,6 @@ def default_call_size(transformer_config: Any, vae: Any, *, image_to_video: bool
                     encode="image" if image_to_video else None)  # fmt: skip
 
 
-def tensor_bytes(module: Any) -> int:
-    """Bytes of a module's parameters and buffers (each tensor once), as they are now; 0 for a non-module."""
-    if not isinstance(module, torch.nn.Module):
-        return 0
-    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 @dataclasses.dataclass(frozen=True)
 class Weights:
     """Bytes of each component's weights; ``*_streamed``: what sequential offload keeps on the device at once
@@ -145,10 +144,6 @@ class Phase:
         return self.weights + self.work
 
 
-def _element(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _latent_grid(config: Any, size: CallSize, spatial: int, temporal: int) -> tuple[int, int, int]:
     """(latent frames with the temporal patch's padding, latent height, latent width) of a call."""
     pt = config.patch_size_t or 1
@@ -161,7 +156,7 @@ def call_state_bytes(config: Any, size: CallSize, dtype: torch.dtype, spatial: i
     latents (with the image condition)."""
     frames, h, w = _latent_grid(config, size, spatial, temporal)
     embeds = (2 if size.guided else 1) * size.batch * size.text_length * config.text_embed_dim
-    return (embeds + size.batch * frames * config.in_channels * h * w) * _element(dtype)
+    return (embeds + size.batch * frames * config.in_channels * h * w) * element_size(dtype)
 
 
 def transformer_step_bytes(config: Any, size: CallSize, dtype: torch.dtype, spatial: int, temporal: int) -> int:
@@ -172,7 +167,7 @@ def transformer_step_bytes(config: Any, size: CallSize, dtype: torch.dtype, spat
     frames, h, w = _latent_grid(config, size, spatial, temporal)
     tokens = frames // (config.patch_size_t or 1) * (h // config.patch_size) * (w // config.patch_size)
     tokens += size.text_length
-    element = _element(dtype)
+    element = element_size(dtype)
     activations = TRANSFORMER_STEP_FACTOR * ACTIVATION_MARGIN * batch * tokens * config.inner_dim * element
     latents = 6 * batch * frames * config.in_channels * h * w * element
     return int(activations + latents)
@@ -180,7 +175,7 @@ def transformer_step_bytes(config: Any, size: CallSize, dtype: torch.dtype, spat
 
 def text_encode_bytes(config: Any, size: CallSize, dtype: torch.dtype) -> int:
     """Peak bytes of encoding the prompts (and, when guided, the negative prompts: their embeddings kept)."""
-    element = _element(dtype)
+    element = element_size(dtype)
     work = TEXT_ENCODE_FACTOR * ACTIVATION_MARGIN * size.prompts * size.text_length * config.d_model * element
     kept = (2 if size.guided else 1) * size.prompts * size.text_length * config.d_model * element
     return int(work + kept)

@@ -342,10 +342,7 @@ class Pipeline(PipelineSwitches):
         elif req.task == "control":  # the noise first, then the control video (its encode draws no numbers)
             latents = randn(req.shape, generator=generator, device=device, dtype=dtype)
         elif req.task == "v2v":
-            self.memory.activate("vae")
-            pixels = video_to_tensor(req.video_frames, req.height, req.width)[None]
-            encode = functools.partial(self.latent_codec.encode_video, generator=_nth(generator, 0), dtype=dtype)
-            encoded = self._encode_fitting(pixels, encode).to(device)
+            encoded = self._encode_frames(req, generator=_nth(generator, 0))
             noise = randn(req.shape, generator=generator, device=device, dtype=dtype)
             clean = encoded.expand(req.batch, -1, -1, -1, -1)
             latents = sampler.add_noise(clean, noise, timesteps[:1].repeat(req.batch))
@@ -358,11 +355,15 @@ class Pipeline(PipelineSwitches):
     def _control_condition(self, req: request.Request) -> torch.Tensor:
         """CogVideoX-Fun's control latents ``[B, F' + pad, C, h, w]``: the control video encoded to the posterior's
         mean (no random numbers, as the reference), scaled, one row per video."""
+        return self._encode_frames(req, mode=True).expand(req.batch, -1, -1, -1, -1)
+
+    def _encode_frames(self, req: request.Request, *, generator: Generator = None, mode: bool = False) -> torch.Tensor:
+        """The request's video frames (v2v input, control video, video to invert) as scaled latents ``[1, F' + pad,
+        C, h, w]`` on the pipeline's device: a posterior sample with ``generator``, or its mean with ``mode``."""
         self.memory.activate("vae")
         pixels = video_to_tensor(req.video_frames, req.height, req.width)[None]
-        encode = functools.partial(self.latent_codec.encode_video, dtype=self.dtype, mode=True)
-        encoded = self._encode_fitting(pixels, encode).to(self.device)
-        return encoded.expand(req.batch, -1, -1, -1, -1)
+        encode = functools.partial(self.latent_codec.encode_video, generator=generator, dtype=self.dtype, mode=mode)
+        return self._encode_fitting(pixels, encode).to(self.device)
 
     def _model_fn(self, guided: bool, *, cached: bool = True) -> ModelFn:
         """The transformer as the denoising loop's model callable (with ``ofs`` for 1.5-I2V), wrapped by the step
@@ -622,10 +623,7 @@ class Pipeline(PipelineSwitches):
                 negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=req.max_sequence_length,
             )  # fmt: skip
             embeds = torch.cat([negative, positive]) if req.guided else positive
-            self.memory.activate("vae")
-            pixels = video_to_tensor(req.video_frames, req.height, req.width)[None]
-            encode = functools.partial(self.latent_codec.encode_video, dtype=self.dtype, mode=True)
-            clean = self._encode_fitting(pixels, encode).to(self.device)
+            clean = self._encode_frames(req, mode=True)
             if self.parallel is not None:  # rank 0's encode and embeddings everywhere, as in a call
                 clean, _, embeds = self.parallel.same_on_every_rank(clean, None, embeds)
             clean = clean.expand(req.batch, -1, -1, -1, -1)

@@ -26,7 +26,7 @@ import torch
 
 from .cache import StepCache, make_cache
 from .distributed import ParallelConfig, ParallelInference
-from .memory import MemoryManager, require_device
+from .memory import MemoryManager, require_device, tensor_bytes
 from .memory_plan import (
     MODE_NAMES,
     MODES,
@@ -73,14 +73,6 @@ def _concrete(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _bytes_on(module: Any, device: torch.device) -> int:
-    """Bytes of ``module``'s parameters and buffers that live on ``device``."""
-    if not isinstance(module, torch.nn.Module):
-        return 0
-    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()] if t.device == device}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class PipelineSwitches:
@@ -192,7 +184,7 @@ class PipelineSwitches:
         if free is None or device.type != "cuda":
             return free
         parts = (self.text_encoder, self.transformer, self.vae)
-        return free + sum(_bytes_on(part, device) for part in parts)
+        return free + sum(tensor_bytes(part, device) for part in parts)
 
     def _follow_plan(self, size: CallSize, *, at_call: bool) -> MemoryPlan | None:
         """Choose the plan for a call of ``size`` (the setting's mode, or "auto"'s choice), move the components

@@ -26,6 +26,14 @@ class DDIMSampler(Sampler):
     kind = "ddim"
     reference_class = "CogVideoXDDIMScheduler"
 
+    def _coefficients(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a_t, keep, toward_x0) of the step from ``t``: ``x_s = keep * x_t + toward_x0 * x0``. They stay 0-dim
+        tensors of the table dtype (see Sampler.alpha_cumprod for why)."""
+        alpha_t = self.alpha_cumprod(t)
+        alpha_prev = self.alpha_cumprod(self.previous_timestep(t))
+        keep = ((1 - alpha_prev) / (1 - alpha_t)) ** 0.5
+        return alpha_t, keep, alpha_prev**0.5 - alpha_t**0.5 * keep
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -39,12 +47,8 @@ class DDIMSampler(Sampler):
         """One deterministic DDIM update; ``state`` is passed through (updated) only to keep the API uniform."""
         self._note_eta(eta)
         t = self._check_timestep(timestep)
-        alpha_t = self.alpha_cumprod(t)
-        alpha_prev = self.alpha_cumprod(self.previous_timestep(t))
+        alpha_t, keep, toward_x0 = self._coefficients(t)
         x0 = self.predict_x0(model_output, sample, alpha_t)
-        # Coefficients stay 0-dim tensors of the table dtype (see Sampler.alpha_cumprod for why).
-        keep = ((1 - alpha_prev) / (1 - alpha_t)) ** 0.5
-        toward_x0 = alpha_prev**0.5 - alpha_t**0.5 * keep
         prev_sample = keep * sample + toward_x0 * x0
         return StepResult(prev_sample, x0, SamplerState(previous_x0=x0, previous_timestep=t))
 
@@ -58,10 +62,7 @@ class DDIMSampler(Sampler):
         yet, so it passes the output at ``sample`` (the usual approximation) and may iterate
         (:func:`cogvideox.inversion.invert`)."""
         t = self._check_timestep(timestep)
-        alpha_t = self.alpha_cumprod(t)
-        alpha_prev = self.alpha_cumprod(self.previous_timestep(t))
-        keep = ((1 - alpha_prev) / (1 - alpha_t)) ** 0.5
-        toward_x0 = alpha_prev**0.5 - alpha_t**0.5 * keep
+        alpha_t, keep, toward_x0 = self._coefficients(t)
         a, b = self.x0_coefficients(alpha_t)
         slope = keep + toward_x0 * a
         if slope == 0:
