@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .pinned import HostBuffer, page_aligned_bytes, storage_ptr, view_in
+
 logger = logging.getLogger(__name__)
 
 HOST = torch.device("cpu")
@@ -117,77 +119,90 @@ def require_not_streamed(module: nn.Module, switch: str) -> None:
 
 
 class Transfers:
-    """Host -> ``device`` copies, asynchronous on a side CUDA stream when ``device`` is a GPU, plain copies
-    otherwise. ``copy`` starts a copy and returns a handle; ``wait`` makes the compute stream wait for it."""
+    """Host -> ``device`` copies of flat byte buffers: asynchronous on a side CUDA stream when ``device`` is a GPU,
+    plain copies otherwise (events are then None). :meth:`copy` starts a copy, :meth:`wait` makes the compute stream
+    wait for it, :meth:`mark` records how far the compute stream has got (to know when a buffer is free again)."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(device=self.device) if self.is_cuda else None
 
-    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A page-locked host copy (so the copy engine can read it without a staging buffer); as is off CUDA."""
-        return tensor.pin_memory() if self.is_cuda and not tensor.is_pinned() else tensor
-
-    def copy(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-        """Start copying ``tensors`` to the device: (device tensors, event to wait on or None)."""
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> Any:
+        """Copy host ``src`` into device ``dst`` once the compute stream has passed event ``after`` (the kernels
+        that last read ``dst``); returns the copy's event."""
         if not self.is_cuda:
-            return [torch.empty_like(t, device=self.device).copy_(t) for t in tensors], None
-        # The side stream must not read weights the compute stream may still be writing (a first load after
-        # module.to()), so it starts after the work queued so far.
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            dst.copy_(src)
+            return None
         with torch.cuda.stream(self.stream):
-            out = [t.to(self.device, non_blocking=True) for t in tensors]
+            if after is not None:
+                self.stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
-        return out, event
+        return event
 
-    def wait(self, tensors: Sequence[torch.Tensor], event: Any) -> None:
-        """Make the current (compute) stream wait for the copy, and tell the allocator that the compute stream
-        uses memory allocated on the side stream (else it could hand it out again while a kernel still reads)."""
-        if event is None:
-            return
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(event)
-        for tensor in tensors:
-            tensor.record_stream(compute)
+    def wait(self, event: Any) -> None:
+        """Make the compute stream wait for a copy."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def mark(self) -> Any:
+        """An event at the compute stream's current position (None off CUDA, where everything is in order)."""
+        if not self.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
 
 # ------------------------------------------------------------------------------------------------ blocks
 
+RING = 2  # device buffers a streamer holds: the block computing and the next one on its way
+
 
 class BlockStreamer:
-    """Stream the blocks of an ``nn.ModuleList`` from (pinned) host memory to ``device`` one at a time, the next
-    block's copy overlapping the current block's compute.
+    """Stream the blocks of an ``nn.ModuleList`` from host memory to ``device`` one at a time, the next block's
+    copy overlapping the current block's compute.
+
+    Host side: each block's tensors live in one flat page-locked buffer (:class:`~cogvideox.pinned.HostBuffer`;
+    pinned bytes = the weights, not the ~1.6x of pinning each tensor). Device side: a ring of two flat buffers,
+    each the size of the largest block, allocated at the first copy and freed by :meth:`drop_all`. A block's copy
+    into a ring buffer waits (on the copy stream, not the CPU) for the compute that last read that buffer, so the
+    device memory is exactly two blocks however far the CPU runs ahead of the GPU (copying into fresh allocations
+    instead would let freed-but-still-read blocks pile up in the caching allocator's reserve).
 
     Hooks: before block ``i`` runs, its copy is waited for (or made, if no prefetch was started) and block
-    ``(i + 1) % n`` starts copying; after block ``i`` runs, its parameters point back to the host tensors and the
-    device copy is freed. The wrap-around prefetch of block 0 overlaps the sampler step between two denoising
-    steps. ``events`` (when a list) records ``("load", i)``, ``("run", i)`` and ``("drop", i)`` in order, for tests.
+    ``(i + 1) % n`` starts copying into the other ring buffer; after block ``i`` runs, its parameters point back
+    at the host views. The wrap-around prefetch of block 0 overlaps the sampler step between two denoising steps.
+    ``events`` (when a list) records ``("load", i)``, ``("run", i)`` and ``("drop", i)`` in order, for tests.
     """
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device | str, *, events: list | None = None) -> None:
         self.blocks = blocks
         self.transfers = Transfers(device)
         self.events = events
-        # Per block: the slots (owner, name, is_parameter) and their host tensors, pinned once here.
+        # Per block: the slots (owner, name, is_parameter) and the host buffer their tensors live in.
         self._slots: list[list[tuple[nn.Module, str, bool]]] = []
-        self._host: list[list[torch.Tensor]] = []
-        # Per block in flight: (device tensors, copy event, slot versions when the copy started).
-        self._pending: dict[int, tuple[list[torch.Tensor], Any, list[int | None]]] = {}
+        self._host: list[HostBuffer] = []
+        for block in blocks:
+            slots = list(_own_tensors(block))
+            buffer = HostBuffer([(_get(*slot).dtype, _get(*slot).shape) for slot in slots])
+            for i, slot in enumerate(slots):
+                _set_data(*slot, buffer.fill(i, _get(*slot).data))  # the original is freed here, one at a time
+            if self.transfers.is_cuda:
+                buffer.lock()
+            self._slots.append(slots)
+            self._host.append(buffer)
+        self._ring: list[torch.Tensor] | None = None
+        self._holder: list[int | None] = [None] * RING  # block whose copy a ring buffer holds (or is receiving)
+        self._free_after: list[Any] = [None] * RING  # compute event after which a ring buffer may be overwritten
+        self._where: dict[int, int] = {}  # block -> its ring buffer, while resident or pending
+        # Per block in flight: (copy event, slot versions when the copy started).
+        self._pending: dict[int, tuple[Any, list[int | None]]] = {}
         self._resident: set[int] = set()
+        self._running: int | None = None
         self._handles: list[Any] = []
-        with torch.no_grad():
-            for block in blocks:
-                slots = list(_own_tensors(block))
-                host = []
-                for owner, name, is_param in slots:
-                    tensor = _get(owner, name, is_param).data.to(HOST)
-                    tensor = self.transfers.pin(tensor)
-                    _set_data(owner, name, is_param, tensor)
-                    host.append(tensor)
-                self._slots.append(slots)
-                self._host.append(host)
         for index, block in enumerate(blocks):
             self._handles.append(block.register_forward_pre_hook(_StreamerHook(self, self._before(index))))
             self._handles.append(block.register_forward_hook(_StreamerHook(self, self._after(index))))
@@ -197,50 +212,106 @@ class BlockStreamer:
         """Indices of the blocks whose weights are on the device now (copied or being copied)."""
         return self._resident | set(self._pending)
 
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of host memory the blocks occupy (page-locked on CUDA): the weights plus alignment padding."""
+        return sum(buffer.nbytes for buffer in self._host)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(buffer.weight_bytes for buffer in self._host)
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes the ring of device buffers holds now (0 until the first copy and after :meth:`drop_all`)."""
+        return 0 if self._ring is None else sum(buffer.numel() for buffer in self._ring)
+
     def _log(self, kind: str, index: int) -> None:
         if self.events is not None:
             self.events.append((kind, index))
+
+    def _ring_buffer_for(self, index: int) -> int:
+        """A ring buffer for block ``index``: a free one, else one whose block is only on its way, else one whose
+        block is resident but not running (left behind by a forward that raised)."""
+        if self._ring is None:
+            size = max(buffer.nbytes for buffer in self._host)
+            self._ring = [page_aligned_bytes(size, self.transfers.device) for _ in range(RING)]
+            # The allocator may hand out memory that kernels queued on the compute stream still use: the first copy
+            # into each buffer waits for them.
+            self._free_after = [self.transfers.mark()] * RING
+        choices = [r for r in range(RING) if self._running is None or self._holder[r] != self._running]
+        for r in choices:
+            if self._holder[r] is None:
+                return r
+        for r in choices:
+            if self._holder[r] in self._pending:
+                self.drop(self._holder[r])
+                return r
+        self.drop(self._holder[choices[0]])
+        return choices[0]
+
+    def _copy(self, index: int, ring: int) -> None:
+        versions = [_version(*slot) for slot in self._slots[index]]
+        host = self._host[index].flat
+        event = self.transfers.copy(self._ring[ring][: host.numel()], host, after=self._free_after[ring])
+        self._free_after[ring] = None  # the copy stream has waited for it; later copies into this buffer follow
+        self._pending[index] = (event, versions)
+        self._log("load", index)
 
     def prefetch(self, index: int) -> None:
         """Start copying block ``index`` (no-op when it is already resident or on its way)."""
         if index in self._resident or index in self._pending:
             return
-        versions = [_version(*slot) for slot in self._slots[index]]
-        self._pending[index] = (*self.transfers.copy(self._host[index]), versions)
-        self._log("load", index)
+        ring = self._ring_buffer_for(index)
+        self._holder[ring], self._where[index] = index, ring
+        self._copy(index, ring)
 
     def _install(self, index: int) -> None:
         self.prefetch(index)
-        tensors, event, versions = self._pending.pop(index)
+        ring = self._where[index]
+        event, versions = self._pending.pop(index)
         if versions != [_version(*slot) for slot in self._slots[index]]:
             # Written in place since the copy started (e.g. fuse_lora() between two calls, with block 0's
-            # wrap-around prefetch pending): that copy holds the old values, so copy again. The stale copy was
-            # made on the same side stream, so its memory is reused only after it has landed.
-            tensors, event = self.transfers.copy(self._host[index])
-            self._log("load", index)
-        self.transfers.wait(tensors, event)
-        for (owner, name, is_param), tensor in zip(self._slots[index], tensors, strict=True):
-            _set_data(owner, name, is_param, tensor)
+            # wrap-around prefetch pending): that copy holds the old values, so copy again. It follows the stale
+            # copy on the same stream, so it lands after it.
+            self._copy(index, ring)
+            event, _ = self._pending.pop(index)
+        self.transfers.wait(event)
+        for slot, entry in zip(self._slots[index], self._host[index].layout, strict=True):
+            _set_data(*slot, view_in(self._ring[ring], entry))
         self._resident.add(index)
 
     def drop(self, index: int) -> None:
-        """Point block ``index`` back at its host tensors; the device copy is freed with its last reference."""
-        if index in self._pending:
-            self._install(index)  # a copy in flight must land before its memory can be given back
-        if index not in self._resident:
+        """Point block ``index`` back at its host views; its ring buffer is free again once the compute queued so
+        far (which may still read it) has run. A copy still on its way is abandoned: the next copy into the
+        buffer follows it on the same stream."""
+        if index not in self._resident and index not in self._pending:
             return
-        for (owner, name, is_param), tensor in zip(self._slots[index], self._host[index], strict=True):
-            _set_data(owner, name, is_param, tensor)
-        self._resident.discard(index)
+        ring = self._where.pop(index)
+        if self._pending.pop(index, None) is None:
+            for slot, view in zip(self._slots[index], self._host_views(index), strict=True):
+                _set_data(*slot, view)
+            self._resident.discard(index)
+            self._free_after[ring] = self.transfers.mark()
+        self._holder[ring] = None
         self._log("drop", index)
 
+    def _host_views(self, index: int) -> list[torch.Tensor]:
+        buffer = self._host[index]
+        return [view_in(buffer.flat, entry) for entry in buffer.layout]
+
     def drop_all(self) -> None:
+        """Every block back on the host and the ring of device buffers freed (the VAE, say, may use the memory)."""
+        for event, _ in list(self._pending.values()):
+            self.transfers.wait(event)  # the allocator may reuse the ring once the compute stream passes here
         for index in sorted(self.resident):
             self.drop(index)
+        self._ring, self._free_after, self._running = None, [None] * RING, None
 
     def _before(self, index: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             self._install(index)
+            self._running = index
             self._log("run", index)
             if len(self.blocks) > 1:
                 self.prefetch((index + 1) % len(self.blocks))
@@ -249,6 +320,7 @@ class BlockStreamer:
 
     def _after(self, index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self._running = None
             self.drop(index)
 
         return hook
@@ -273,7 +345,9 @@ class ComponentOffload:
     ``streamer`` only the parts outside the streamed blocks move here. Going back to the host re-points each
     tensor at its host copy instead of copying it back, except tensors written in place on the device (fusing a
     LoRA while the component is there: their in-place write counter moved) and tensors added or replaced there,
-    which are copied back.
+    which are copied back. At rest a component's tensors are views of flat page-locked host buffers
+    (:class:`~cogvideox.pinned.HostBuffer`; :attr:`host_bytes`), packed when it is added and topped up when it is
+    next loaded if tensors were added or replaced meanwhile.
     """
 
     def __init__(self, device: torch.device | str, *, events: list | None = None) -> None:
@@ -284,6 +358,7 @@ class ComponentOffload:
         self._streamed: dict[str, BlockStreamer] = {}
         # Per component, while on the device: (id(owner), name) -> (host copy, tensor put in the slot, its version).
         self._host: dict[str, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int | None]]] = {}
+        self._buffers: dict[str, list[HostBuffer]] = {}  # per component: the host buffers its tensors live in
         self.transfers = Transfers(self.device)
         self._handles: list[Any] = []
 
@@ -300,25 +375,66 @@ class ComponentOffload:
         if streamer is not None:
             self._streamed[name] = streamer
         module.to(HOST)  # streamed blocks are there already (no copy)
+        self._pack(name)
         for trigger in triggers:
             self._handles.append(trigger.register_forward_pre_hook(self._before(name), with_kwargs=True))
             if leave_after:
                 self._handles.append(trigger.register_forward_hook(self._after(name)))
 
-    def _move(self, name: str, *, onto_device: bool) -> None:
-        """Going back to the host re-points each tensor at the host copy it came from (no device-to-host copy);
-        only tensors that appeared or were written in place meanwhile are copied back. The host copies are pinned
-        on CUDA (once), so loading is a fast asynchronous copy."""
-        module = self._modules[name]
+    def _unstreamed_slots(self, name: str) -> list[tuple[nn.Module, str, bool]]:
+        """Slots of component ``name`` that this offload moves (not those of the blocks a streamer moves)."""
         streamer = self._streamed.get(name)
         skip = set() if streamer is None else {id(t) for b in streamer.blocks for t in [*b.parameters(), *b.buffers()]}
+        return [slot for slot in _own_tensors(self._modules[name]) if id(_get(*slot)) not in skip]
+
+    def _pack(self, name: str) -> None:
+        """Put the tensors of component ``name`` (at rest on the host) that are not in one of its host buffers yet
+        into a new one: all of them when it is added, later the tensors added or replaced since (a LoRA's, fp8
+        storage's). A buffer that lost more than 2% of its bytes to replaced tensors is repacked with them, so that
+        no dead weight stays page-locked."""
+        buffers = {buffer.storage_ptr: buffer for buffer in self._buffers.get(name, [])}
+        slots = self._unstreamed_slots(name)
+        live = dict.fromkeys(buffers, 0)
+        counted: set[int] = set()
+        for slot in slots:
+            tensor = _get(*slot)
+            if storage_ptr(tensor) in live and id(tensor) not in counted:
+                counted.add(id(tensor))
+                live[storage_ptr(tensor)] += tensor.numel() * tensor.element_size()
+        keep = {ptr for ptr, buffer in buffers.items() if live[ptr] >= 0.98 * buffer.weight_bytes}
+        todo: dict[int, list[tuple[nn.Module, str, bool]]] = {}  # one entry per tensor object (shared ones once)
+        for slot in slots:
+            if storage_ptr(_get(*slot)) not in keep:
+                todo.setdefault(id(_get(*slot)), []).append(slot)
+        kept = [buffers[ptr] for ptr in keep]
+        if todo:
+            groups = list(todo.values())
+            buffer = HostBuffer([(_get(*group[0]).dtype, _get(*group[0]).shape) for group in groups])
+            for i, group in enumerate(groups):
+                view = buffer.fill(i, _get(*group[0]).data)  # each original is freed here, one at a time
+                for slot in group:
+                    _set_data(*slot, view)
+            if self.transfers.is_cuda:
+                buffer.lock()
+            kept.append(buffer)
+        self._buffers[name] = kept
+
+    def host_bytes(self, name: str) -> int:
+        """Bytes of host memory component ``name``'s buffers hold (page-locked on CUDA), streamed blocks aside."""
+        return sum(buffer.nbytes for buffer in self._buffers.get(name, []))
+
+    def _move(self, name: str, *, onto_device: bool) -> None:
+        """Going back to the host re-points each tensor at the host view it came from (no device-to-host copy);
+        only tensors that appeared or were written in place meanwhile are copied back. Loading copies from the
+        page-locked host buffers, asynchronously on CUDA."""
+        streamer = self._streamed.get(name)
         host_of = self._host.setdefault(name, {})
+        if onto_device:
+            self._pack(name)
         with torch.no_grad():
-            for owner, tensor_name, is_param in _own_tensors(module):
+            for owner, tensor_name, is_param in self._unstreamed_slots(name):
                 tensor = _get(owner, tensor_name, is_param)
                 key = (id(owner), tensor_name)
-                if id(tensor) in skip:
-                    continue
                 if not onto_device:
                     host, loaded, version = host_of.pop(key, (None, None, None))
                     if host is None or tensor is not loaded or host.shape != tensor.shape or host.dtype != tensor.dtype:
@@ -327,7 +443,7 @@ class ComponentOffload:
                         host.copy_(tensor.data)  # written in place on the device (e.g. fuse_lora()): keep it
                     _set_data(owner, tensor_name, is_param, host)
                 elif key not in host_of:
-                    host = self.transfers.pin(tensor.data.to(HOST))
+                    host = tensor.data
                     # copy=True: a real copy even when the target is the host itself (what the CPU tests watch).
                     _set_data(owner, tensor_name, is_param, host.to(self.device, non_blocking=True, copy=True))
                     # What to compare on the way back: the object now in the slot (a buffer is replaced by its
@@ -340,6 +456,7 @@ class ComponentOffload:
             host_of.clear()
             if streamer is not None:
                 streamer.drop_all()
+            self._pack(name)  # tensors that came back as new ones join a buffer; a buffer of dead weights goes
 
     def manages(self, name: str) -> bool:
         """Whether component ``name`` is moved by this offload."""

@@ -280,7 +280,7 @@ class T5Encoder(nn.Module):
 
         Weights go straight from the (sharded) files into ``dtype`` on ``device``, one tensor at a time (default:
         the file's dtype, on the CPU). In float16 the ``wo`` projections stay float32, as in the reference.
-        ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``.
+        ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``, ``token``.
         """
         return load_component(
             cls, T5Config, path_or_hub_id, "text_encoder",
@@ -315,18 +315,27 @@ class T5Encoder(nn.Module):
     def device(self) -> torch.device:
         return self.shared.weight.device
 
-    def position_bias(self, length: int) -> torch.Tensor:
-        """Relative position bias of the first layer, shared by all layers: ``[1, H, L, L]`` in the weights' dtype."""
-        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
-        key = (length, table.weight.device)
+    def position_bias(self, length: int, device: torch.device | None = None) -> torch.Tensor:
+        """Relative position bias of the first layer, shared by all layers: ``[1, H, L, L]`` in the weights' dtype,
+        on ``device`` (default: the table's).
+
+        The table lives in block 0, which sequential offload keeps in host memory until block 0 runs, i.e. after
+        this is computed: so the (tiny, ``[buckets, H]``) table is brought to the hidden states' device, rather
+        than the ``[H, L, L]`` bias computed on the host next to device q/k/v."""
+        weight = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+        device = weight.device if device is None else torch.device(device)
+        key = (length, device)
         if key not in self._bucket_cache:
             self._bucket_cache[key] = relative_position_buckets(
                 length,
                 self.config.relative_attention_num_buckets,
                 self.config.relative_attention_max_distance,
-                device=table.weight.device,
+                device=device,
             )
-        return table(self._bucket_cache[key]).permute(2, 0, 1).unsqueeze(0).contiguous()
+        # copy=True: a copy even when the table is on ``device`` already (4 KiB for T5-XXL), so that the CPU tests,
+        # where the offload "device" is the host too, see the same data flow as CUDA (tests/unit/test_streaming.py).
+        bias = F.embedding(self._bucket_cache[key], weight.to(device, copy=True))
+        return bias.permute(2, 0, 1).unsqueeze(0).contiguous()
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -356,7 +365,7 @@ class T5Encoder(nn.Module):
         """
         self._check_ids(input_ids)
         x = self.shared(input_ids)
-        bias = self.position_bias(input_ids.shape[1])
+        bias = self.position_bias(input_ids.shape[1], x.device)
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(
