@@ -124,8 +124,8 @@ def _call_kwargs(case: dict) -> dict:
 
 
 class MaskFreeKernel:
-    """An attention backend, registered as ``"refuse_mask"``, that raises on any mask as "flash" and "sage" do, and
-    otherwise runs SDPA; counts its calls. The text encoder falls back to SDPA for backends without bias support,
+    """An attention backend, registered as ``"refuse_mask"``, that raises on any mask (the "flash" and "sage"
+    kernels take none: they would fall back to SDPA with a warning) and otherwise runs SDPA; counts its calls. The text encoder falls back to SDPA for backends without bias support,
     so only the transformer's attention reaches it."""
 
     NAME = "refuse_mask"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import logging
 import shutil
+import sys
+import types
 
 import pytest
 import torch
@@ -257,7 +260,13 @@ def test_encoder_shapes_and_mask(encoder):
     assert rel_err(masked[1, :5], alone[0]) < 1e-6  # the masked prompt equals the unpadded one
 
 
-def test_encoder_backends_agree(encoder):
+def test_encoder_backends_agree(encoder, monkeypatch):
+    # A stand-in FlashAttention package, so that "flash" can be selected here; T5 must never reach its kernel.
+    flash = types.ModuleType("flash_attn")
+    flash.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    flash.flash_attn_func = lambda *args, **kwargs: pytest.fail("T5 must not reach the flash kernel")
+    monkeypatch.setitem(sys.modules, "flash_attn", flash)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
     ids = torch.randint(0, 40, (2, 12))
     with torch.no_grad():
         sdpa = encoder(ids)
