@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "(least memory)")  # fmt: skip
     _option(gen, "--offload", choices=("none", "model", "sequential"), default=None,
             help="the same as --memory with that mode (older spelling)")  # fmt: skip
+    _option(gen, "--attention", choices=("sdpa", "math", "flash", "sage"), default=None,
+            help="attention kernel (docs/performance.md): 'sdpa' (default), 'flash' (FlashAttention 3 or 2) or "
+                 "'sage' (SageAttention) when installed; calls they cannot take run on 'sdpa'")  # fmt: skip
     _option(gen, "--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
             help="decode in overlapping tiles (less memory); default: tile when the decode would not fit in the "
                  "free GPU memory")  # fmt: skip
@@ -348,13 +351,18 @@ def generate(args: argparse.Namespace) -> list[Path]:
     overrides = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing is not None else {}
     if memory is None and device.startswith("cuda"):
         memory = "auto"
-    # Under a memory plan the weights wait in host memory until the plan places them (after the LoRAs: sequential
-    # offload records each block's tensors).
-    load_device = "cpu" if memory is not None else device
-    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=load_device, sampler=args.sampler,
-                                    memory=None, **overrides)  # fmt: skip
+    if args.attention is not None:  # before loading: a missing package is one line, not minutes later
+        from .ops import set_attention_backend
+
+        set_attention_backend(args.attention)
+    # Under a memory plan on a GPU each component loads where the plan keeps it (from_pretrained); LoRAs loaded
+    # after step aside from the plan's offload and let it place the components again. Parallel inference is
+    # enabled after the LoRAs, so there the weights wait in host memory until the plan below places them.
+    plan_on_load = memory if device.startswith("cuda") and parallel is None else None
+    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=device if plan_on_load else "cpu",
+                                    sampler=args.sampler, memory=plan_on_load, **overrides)  # fmt: skip
     pipe.set_progress_bar_config(disable=args.quiet)
-    names = _load_loras(pipe, args.lora, args.lora_scale)  # before offload: the streamer records each block's tensors
+    names = _load_loras(pipe, args.lora, args.lora_scale)
     _check_lora_rank(pipe.transformer, args.lora_rank, names, args.lora)
     if parallel is not None:
         pipe.enable_parallel(parallel)

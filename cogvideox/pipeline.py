@@ -142,6 +142,7 @@ class Pipeline(PipelineSwitches):
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
+        token: str | bool | None = None,
         text_encoder_offload: bool | None = None,
         memory: str | None = None,
         parallel: ParallelConfig | None = None,
@@ -159,6 +160,8 @@ class Pipeline(PipelineSwitches):
                 :class:`cogvideox.protocols.Sampler` methods, e.g. a fork's flow-matching sampler); default the
                 class the checkpoint's ``scheduler_config.json`` names.
             transformer, vae, text_encoder, tokenizer: ready components used instead of loading those.
+            revision, cache_dir, local_files_only, token: for a hub id, as in ``huggingface_hub.snapshot_download``
+                (``token``: for gated or private repositories; default the saved login or ``HF_TOKEN``).
             memory: where the components live (docs/usage.md, "Memory plan"): ``"auto"`` (the default on CUDA)
                 picks the fastest plan whose estimated peak fits the free GPU memory and re-checks it at each call;
                 ``"none"`` (everything resident), ``"text"`` (the text encoder visits the GPU to encode),
@@ -179,17 +182,21 @@ class Pipeline(PipelineSwitches):
             path_or_hub_id = demo_model_path()
         root = resolve_pretrained(
             path_or_hub_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-            allow_patterns=PIPELINE_FILES,
+            token=token, allow_patterns=PIPELINE_FILES,
         )  # fmt: skip
         # Everything that can be refused is checked before any weights load.
         image_to_video = is_image_to_video(root)  # model_index.json; None: inferred from the transformer
         control = is_control(root)
         sampler = choose_sampler(sampler, root / "scheduler", **sampler_overrides)
-        # Under a plan the weights wait in host memory until the plan places them (never all at once on the GPU).
-        components = {"dtype": check_dtype(dtype), "device": device if memory is None else "cpu"}
-        transformer = transformer or Transformer.from_pretrained(root / "transformer", **components)
-        vae = vae or VAE.from_pretrained(root / "vae", **components)
-        text_encoder = text_encoder or T5Encoder.from_pretrained(root / "text_encoder", **components)
+        dtype = check_dtype(dtype)
+        given = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}
+        where = _where_to_load(root, dtype, memory, torch.device(device), given, image_to_video=image_to_video,
+                               control=control, parallel=parallel is not None)  # fmt: skip
+        transformer = transformer or Transformer.from_pretrained(root / "transformer", dtype=dtype,
+                                                                 device=where["transformer"])  # fmt: skip
+        vae = vae or VAE.from_pretrained(root / "vae", dtype=dtype, device=where["vae"])
+        text_encoder = text_encoder or T5Encoder.from_pretrained(root / "text_encoder", dtype=dtype,
+                                                                 device=where["text_encoder"])  # fmt: skip
         tokenizer = tokenizer or T5Tokenizer.from_pretrained(root / "tokenizer")
         pipe = cls(transformer, vae, text_encoder, tokenizer, sampler, image_to_video=image_to_video, control=control)
         pipe.source = "the bundled demo model" if demo else str(path_or_hub_id)
@@ -692,6 +699,52 @@ def _call_size(req: request.Request, output_type: str) -> CallSize:
 def _nth(generator: Generator, index: int) -> torch.Generator | None:
     """The generator for batch element ``index``: the reference encodes image i with ``generator[i]``."""
     return generator[min(index, len(generator) - 1)] if isinstance(generator, (list, tuple)) else generator
+
+
+_LOADERS = {"transformer": Transformer, "vae": VAE, "text_encoder": T5Encoder}
+
+
+def _where_to_load(
+    root: Path,
+    dtype: torch.dtype,
+    memory: str | None,
+    device: torch.device,
+    given: dict[str, Any],
+    *,
+    image_to_video: bool | None,
+    control: bool,
+    parallel: bool,
+) -> dict[str, torch.device]:
+    """Where ``from_pretrained`` loads each component. Without a plan: on ``device``. Under a plan on a GPU: where
+    the plan for a default call keeps it, estimated from the configs before any weight is read, so that a
+    component that stays on the GPU loads straight there (shard by shard: the host holds one shard at a time, not
+    the whole model) and one that waits in host memory loads there (never onto the GPU and back: 9 GB of T5-XXL
+    under text-encoder offload). ``set_memory_plan`` then re-plans with the loaded components and moves whatever
+    the two plans disagree on. When the plan cannot be estimated (a fork's components without the configs the
+    estimate reads), everything loads into host memory, as before the plan existed."""
+    host = torch.device("cpu")
+    if memory is None:
+        return dict.fromkeys(_LOADERS, device)
+    if device.type != "cuda":
+        return dict.fromkeys(_LOADERS, host)
+    from .memory import free_device_bytes
+    from .memory_plan import MODES, default_call_size, plan_memory
+
+    try:
+        parts = {name: given[name] if given[name] is not None else loader.from_pretrained(root / name, dtype=dtype,
+                                                                                             device="meta")
+                 for name, loader in _LOADERS.items()}  # fmt: skip
+        config = parts["transformer"].config
+        if image_to_video is None:  # as the pipeline infers it (see __init__)
+            image_to_video = config.in_channels == 2 * config.output_channels and not control
+        size = default_call_size(config, parts["vae"], image_to_video=image_to_video)
+        modes = ("none", "text") if parallel else MODES
+        plan = plan_memory(parts["text_encoder"], parts["transformer"], parts["vae"], size, free_device_bytes(device),
+                           memory=memory, modes=modes, device=str(device))  # fmt: skip
+    except (AttributeError, TypeError):
+        return dict.fromkeys(_LOADERS, host)
+    resident = {"none": set(_LOADERS), "text": {"transformer", "vae"}}.get(plan.mode, set())
+    return {name: device if name in resident else host for name in _LOADERS}
 
 
 def _memory_setting(memory: str | None, text_encoder_offload: bool | None, device: torch.device) -> str | None:

@@ -50,18 +50,24 @@ def load_component(
         path_or_hub_id: the component folder, the pipeline folder that contains ``subfolder``, or a hub id.
         subfolder: the component's folder in a pipeline (``"transformer"``, ``"vae"``, ``"text_encoder"``).
         dtype: see :func:`check_dtype`; None keeps the files' dtype.
-        device: where the weights go; default CPU.
+        device: where the weights go; default CPU. ``"meta"``: nothing is read, the model comes back on the meta
+            device with the dtypes loading would give it (what the memory plan measures before loading).
         allow_pickle: accept ``.bin``/``.pt`` weights, read with ``torch.load(weights_only=True)``.
         config_reader: reads the config from the component folder instead of ``read_config(folder, config_class)``.
         rename: given the component folder, the file-key to model-key map (None: keys as stored).
         keep_float32: ``(model key, checked dtype) -> True`` for floating weights that stay float32.
         finish: applied to the loaded model, which it returns.
-        hub_kwargs: ``revision``, ``cache_dir``, ``local_files_only`` for the hub download.
+        hub_kwargs: ``revision``, ``cache_dir``, ``local_files_only``, ``token`` for the hub download.
     """
     dtype = check_dtype(dtype)
     folder = component_folder(path_or_hub_id, subfolder, **hub_kwargs)
     config = config_reader(folder) if config_reader is not None else read_config(folder, config_class)
     model = build_on_meta(lambda: cls(config))
+    if device is not None and torch.device(device).type == "meta":
+        # The model as loading would leave it, without reading a weight: what a memory plan measures before it
+        # decides where the weights go.
+        model = _cast_on_meta(model, dtype, keep_float32).eval()
+        return finish(model) if finish is not None else model
     model = load_weights(
         model,
         folder,
@@ -72,3 +78,17 @@ def load_component(
         keep_float32=(lambda key: keep_float32(key, dtype)) if keep_float32 is not None else None,
     )
     return finish(model) if finish is not None else model
+
+
+def _cast_on_meta(
+    model: M, dtype: torch.dtype | None, keep_float32: Callable[[str, torch.dtype | None], bool] | None
+) -> M:
+    """Floating tensors of a meta-built ``model`` in ``dtype`` (float32 where ``keep_float32`` says), as
+    :func:`load_weights` would cast them."""
+    if dtype is None:
+        return model
+    for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            keep = keep_float32 is not None and keep_float32(key, dtype)
+            tensor.data = tensor.data.to(torch.float32 if keep else dtype)
+    return model

@@ -93,8 +93,13 @@ def resolve_pretrained(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     allow_patterns: Sequence[str] | None = None,
+    token: str | bool | None = None,
 ) -> Path:
     """The local folder for ``path_or_hub_id`` (joined with ``subfolder``), downloading from the hub if needed.
+
+    A hub id may be given as a ``pathlib.Path`` too (``Path("THUDM/CogVideoX-5b")``, which is what a notebook that
+    builds paths gets), as long as no local folder has that name. ``token``: the Hugging Face token for gated or
+    private repositories (``True``: the one ``huggingface-cli login`` saved; default: that one or ``HF_TOKEN``).
 
     Raises:
         FileNotFoundError: neither an existing folder nor a hub id, or the subfolder is absent; or downloads are
@@ -104,14 +109,15 @@ def resolve_pretrained(
         ImportError: a hub id was given and huggingface_hub is not installed.
     """
     local = Path(path_or_hub_id).expanduser()
+    hub_id = local.as_posix() if isinstance(path_or_hub_id, Path) else path_or_hub_id
     if local.is_dir():
         root = local
-    elif isinstance(path_or_hub_id, str) and is_hub_id(path_or_hub_id):
+    elif is_hub_id(hub_id):
         try:
             from huggingface_hub import snapshot_download
         except ImportError as err:  # pragma: no cover - huggingface_hub is a dependency
             raise ImportError(
-                f"loading {path_or_hub_id!r} from the hub needs huggingface_hub: pip install huggingface_hub"
+                f"loading {hub_id!r} from the hub needs huggingface_hub: pip install huggingface_hub"
             ) from err
         patterns = list(allow_patterns or DEFAULT_ALLOW_PATTERNS)
         if subfolder:
@@ -119,15 +125,16 @@ def resolve_pretrained(
         try:
             root = Path(
                 snapshot_download(
-                    path_or_hub_id,
+                    hub_id,
                     revision=revision,
                     cache_dir=cache_dir,
                     local_files_only=local_files_only,
                     allow_patterns=patterns,
+                    token=token,
                 )
             )
         except Exception as err:
-            clear = hub_unreachable_error(path_or_hub_id, err, local_files_only=local_files_only)
+            clear = hub_unreachable_error(hub_id, err, local_files_only=local_files_only)
             if clear is None:
                 raise
             raise clear from err

@@ -107,7 +107,7 @@ class T5Tokenizer:
 
         The folder holds ``spiece.model`` (or the ``tokenizer.json`` that transformers 5 saves) and optionally
         ``tokenizer_config.json`` (``extra_ids``, ``model_max_length``). ``hub_kwargs``: ``revision``,
-        ``cache_dir``, ``local_files_only``.
+        ``cache_dir``, ``local_files_only``, ``token``.
         """
         folder = component_folder(path_or_hub_id, "tokenizer", **hub_kwargs)
         vocab = load_vocab(folder)

@@ -115,7 +115,7 @@ class Transformer(nn.Module):
         """Load from a ``transformer/`` folder, a pipeline folder that contains one, or a hub id.
 
         Weights go straight into ``dtype`` on ``device`` (default: the file's dtype, on the CPU).
-        ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``.
+        ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``, ``token``.
         """
         return load_component(
             cls, TransformerConfig, path_or_hub_id, "transformer",

@@ -107,7 +107,7 @@ class VAE(nn.Module):
                 for 5B and 1.5). bfloat16 or float16 need a GPU to run.
             device: where the weights go; default CPU.
             allow_pickle: accept ``.bin``/``.pt`` weights, read with ``torch.load(weights_only=True)``.
-            hub_kwargs: passed to the hub download (revision, cache_dir, local_files_only).
+            hub_kwargs: passed to the hub download (revision, cache_dir, local_files_only, token).
         """
         return load_component(
             cls, VAEConfig, path_or_hub_id, "vae", dtype=dtype, device=device, allow_pickle=allow_pickle, **hub_kwargs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -164,6 +165,22 @@ def test_cli_checks_output_before_loading_the_model(tmp_path, monkeypatch, capsy
     code = cli.main(["generate", "--prompt", "p", "--image", URL, "--output", str(tmp_path / "o.mp4")])
     assert code == 2
     assert f"--image-or-video-path '{URL}' is a URL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["flash", "sage"])
+def test_cli_attention_kernel_without_its_package_is_one_line_before_loading(tmp_path, monkeypatch, capsys, backend):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before --attention was checked")
+
+    monkeypatch.setattr("cogvideox.pipeline.Pipeline.from_pretrained", refuse)
+    for name in ("flash_attn", "flash_attn_interface", "sageattention"):  # absent, whatever this machine has
+        monkeypatch.setitem(sys.modules, name, None)
+    code = cli.main(["generate", "--prompt", "p", "--attention", backend, "--output", str(tmp_path / "o.mp4")])
+    assert code == 2
+    err = capsys.readouterr().err
+    package = "pip install flash-attn" if backend == "flash" else "pip install sageattention"
+    assert err.startswith(f"cogvideox: error: attention backend '{backend}' needs ") and package in err
+    assert err.count("\n") == 1
 
 
 # 4. convert-sat --config names

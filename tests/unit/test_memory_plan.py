@@ -191,6 +191,40 @@ def test_auto_places_the_components_by_the_free_memory(baseline):
     assert "headroom" in text and "decoding:" in text
 
 
+def test_components_load_where_the_plan_keeps_them(monkeypatch):
+    """Under a plan on a GPU each component loads where the plan for a default call keeps it (estimated from the
+    configs on the meta device, before any weight is read): resident ones straight onto the GPU, visiting ones into
+    host memory, never onto the GPU and back. Checked with a simulated GPU of each size."""
+    import cogvideox.memory as memory_module
+    from cogvideox.demo import demo_model_path
+    from cogvideox.pipeline import _where_to_load
+
+    pipe = _demo()
+    peaks = _peaks(pipe, pipe._default_call_size())
+    gpu, host = torch.device("cuda"), torch.device("cpu")
+    names = ("transformer", "vae", "text_encoder")
+    expected = {"none": dict.fromkeys(names, gpu), "text": {"transformer": gpu, "vae": gpu, "text_encoder": host},
+                "model": dict.fromkeys(names, host), "sequential": dict.fromkeys(names, host)}  # fmt: skip
+    given = dict.fromkeys(names)
+    for free, mode in [(10 * GiB, "none"), (peaks["text"], "text"), (peaks["model"], "model"),
+                       (peaks["sequential"], "sequential")]:  # fmt: skip
+        monkeypatch.setattr(memory_module, "free_device_bytes", lambda device, free=free: free)
+        where = _where_to_load(demo_model_path(), torch.float32, "auto", gpu, given, image_to_video=None,
+                               control=False, parallel=False)  # fmt: skip
+        assert where == expected[mode], mode
+        # A forced plan loads as that plan keeps the components, whatever the free memory.
+        forced = _where_to_load(demo_model_path(), torch.float32, "text", gpu, given, image_to_video=None,
+                                control=False, parallel=False)  # fmt: skip
+        assert forced == expected["text"]
+    # Under parallel inference the plan keeps to "none" and "text": the most it offloads is the text encoder.
+    where = _where_to_load(demo_model_path(), torch.float32, "auto", gpu, given, image_to_video=None, control=False,
+                           parallel=True)  # fmt: skip
+    assert where == expected["text"]
+    # Without a plan everything loads on the device asked for; a plan on the CPU loads on the host.
+    assert _where_to_load(demo_model_path(), torch.float32, None, gpu, given, image_to_video=None, control=False,
+                          parallel=False) == dict.fromkeys(names, gpu)  # fmt: skip
+
+
 def test_auto_re_plans_for_each_call_size(baseline, caplog):
     pipe = _demo()
     small = pipe._default_call_size()

@@ -4,6 +4,7 @@ check, the CLI writing a playable mp4. Uses tiny random checkpoints written by t
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 
 from cogvideox import Pipeline, cli
 from cogvideox.request import size_from_image
+from cogvideox.transformer import Transformer
 from tests.tiny_checkpoints import TEXT_LEN, reference_pipeline
 
 pytest.importorskip("diffusers")
@@ -208,6 +210,24 @@ def test_hub_ids_download_only_what_the_pipeline_reads(checkpoints, monkeypatch)
     assert kwargs["revision"] == "main" and kwargs["local_files_only"] is True
     patterns = kwargs["allow_patterns"]
     assert "transformer/*.safetensors" in patterns and not any(p.endswith((".bin", ".pt")) for p in patterns)
+
+
+def test_hub_ids_as_paths_and_tokens_reach_the_download(checkpoints, monkeypatch, tmp_path):
+    """A hub id given as a pathlib.Path (no such local folder) is still a hub id, and ``token=`` reaches
+    huggingface_hub for gated or private repositories; a component's own from_pretrained passes it too."""
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(checkpoints["5b"])
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    Pipeline.from_pretrained(Path("THUDM/CogVideoX-5b"), token="hf_secret")
+    Transformer.from_pretrained(Path("THUDM/CogVideoX-5b"), token="hf_other")
+    assert [(repo_id, kwargs["token"]) for repo_id, kwargs in calls] == [
+        ("THUDM/CogVideoX-5b", "hf_secret"), ("THUDM/CogVideoX-5b", "hf_other"),
+    ]  # fmt: skip
 
 
 def test_float16_with_a_bfloat16_model_warns(checkpoints, caplog, monkeypatch):
