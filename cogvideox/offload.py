@@ -147,6 +147,11 @@ class Transfers:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
+    def wait_all(self) -> None:
+        """Make the compute stream wait for every copy issued so far (abandoned ones included)."""
+        if self.is_cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
     def mark(self) -> Any:
         """An event at the compute stream's current position (None off CUDA, where everything is in order)."""
         if not self.is_cuda:
@@ -302,8 +307,9 @@ class BlockStreamer:
 
     def drop_all(self) -> None:
         """Every block back on the host and the ring of device buffers freed (the VAE, say, may use the memory)."""
-        for event, _ in list(self._pending.values()):
-            self.transfers.wait(event)  # the allocator may reuse the ring once the compute stream passes here
+        # The allocator may reuse the ring as soon as the compute stream passes here, so every copy into it (also
+        # one abandoned for another block) must have landed by then.
+        self.transfers.wait_all()
         for index in sorted(self.resident):
             self.drop(index)
         self._ring, self._free_after, self._running = None, [None] * RING, None

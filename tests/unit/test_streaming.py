@@ -98,12 +98,14 @@ def test_pipeline_under_offload_reads_no_weight_from_host_memory(mode):
 
 
 class RecordingTransfers(Transfers):
-    """CPU transfers that hand out numbered events, so a test can see what each copy waited for."""
+    """CPU transfers that hand out numbered events and record, for each copy, its destination buffer, the event it
+    waited for, and the event the test expected it to wait for (``expect``: buffer address -> event)."""
 
     def __init__(self) -> None:
         super().__init__("cpu")
         self.count = 0
-        self.copies: list[tuple[int, object]] = []  # (address of the destination buffer, event waited for)
+        self.expect: dict[int, object] = {}
+        self.copies: list[tuple[int, object, object]] = []  # (destination buffer, waited for, expected)
 
     def mark(self):
         self.count += 1
@@ -111,7 +113,7 @@ class RecordingTransfers(Transfers):
 
     def copy(self, dst, src, after=None):
         dst.copy_(src)
-        self.copies.append((storage_ptr(dst), after))
+        self.copies.append((storage_ptr(dst), after, self.expect.get(storage_ptr(dst))))
         self.count += 1
         return ("copy", self.count)
 
@@ -132,41 +134,34 @@ class Stack(nn.Module):
 
 def test_streamer_holds_two_device_blocks_and_each_copy_waits_for_the_last_reader():
     """However far the CPU runs ahead, the device holds two blocks: copies go into a ring of two buffers, and the
-    copy into a buffer waits (on the copy stream) for the compute event recorded when its last block was dropped."""
+    copy into a buffer waits (on the copy stream) for the compute event recorded when its last block was dropped
+    (the first copy into each, for the compute queued when the ring was allocated)."""
     model = Stack(5)
     x = torch.randn(3, 16)
     expected = model(x)
     streamer = BlockStreamer(model.blocks, "cpu")
     streamer.transfers = transfers = RecordingTransfers()
     block_bytes = max(buffer.nbytes for buffer in streamer._host)
-    drops: dict[int, object] = {}  # ring buffer address -> the compute event its last block left behind
-    waited = []
+    drop = streamer.drop
 
-    original_drop = streamer.drop
+    def recording_drop(index):
+        ring, resident = streamer._where.get(index), index in streamer._resident
+        drop(index)
+        if resident:  # the buffer's last reader: the next copy into it must wait for this event
+            transfers.expect[storage_ptr(streamer._ring[ring])] = streamer._free_after[ring]
 
-    def drop(index):
-        ring = streamer._where.get(index)
-        was_resident = index in streamer._resident
-        original_drop(index)
-        if ring is not None and was_resident:
-            drops[storage_ptr(streamer._ring[ring])] = streamer._free_after[ring]
-
-    streamer.drop = drop
+    streamer.drop = recording_drop
     with torch.no_grad():
         for _ in range(3):
             assert torch.equal(model(x), expected)
             assert streamer.device_bytes == RING * block_bytes
-    buffers = {storage_ptr(buffer) for buffer in streamer._ring}
-    assert {dst for dst, _ in transfers.copies} == buffers  # every copy went into one of the two ring buffers
-    seen: dict[int, int] = {}
-    for dst, after in transfers.copies:
-        seen[dst] = seen.get(dst, 0) + 1
-        waited.append(after)
-    # The first copy into each buffer waits for the compute queued when it was allocated; every later one for the
-    # compute event of the block that last used it.
-    assert waited[0] == waited[1] == ("compute", 1)
-    assert all(after is not None and after[0] == "compute" for after in waited)
-    assert len(set(waited[2:])) == len(waited[2:])  # a fresh drop event for each reuse
+    ring = [storage_ptr(buffer) for buffer in streamer._ring]
+    # Each block once per forward, plus block 0 once more: the last block's wrap-around prefetch for a next call.
+    assert len(transfers.copies) == 3 * 5 + 1
+    assert {dst for dst, _, _ in transfers.copies} == set(ring)  # all into the two ring buffers
+    first, second, *rest = transfers.copies
+    assert first == (ring[0], ("compute", 1), None) and second == (ring[1], ("compute", 1), None)
+    assert all(after == last_reader and after is not None for _, after, last_reader in rest)
     streamer.drop_all()
     assert streamer.device_bytes == 0
 
