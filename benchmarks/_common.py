@@ -7,6 +7,7 @@ Benchmarks are scripts, not library code: they print and they write files. They 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import re
@@ -61,6 +62,29 @@ def call_times(fn, repeats: int, warm_up: bool = True) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def cuda_peaks(device: torch.device) -> dict[str, int]:
+    """``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` (bytes) since the last reset: every script
+    prints both (allocated is what tensors held at the peak; reserved is what the caching allocator took from the
+    device, which is what has to fit)."""
+    return {
+        "allocated": torch.cuda.max_memory_allocated(device),
+        "reserved": torch.cuda.max_memory_reserved(device),
+    }
+
+
+def write_json(path: str | os.PathLike | None, data: dict) -> None:
+    """Write ``data`` to ``path`` (atomically: a reader never sees half a file) when a path is given. The scripts
+    call it after every measurement, so a run cut short by a time limit still leaves the figures it had; gpu.sh's
+    summary (benchmarks/summary.py) reads these files."""
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(data, tmp, indent=1, default=str)
+    os.replace(tmp.name, path)
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs

@@ -2,11 +2,16 @@
 
     python benchmarks/load.py --model CogVideoX-2b                  # writes ~3.4 GB of random bf16 shards first
     python benchmarks/load.py --model CogVideoX-5b --device cuda --folder /data/ckpt-5b
+    python benchmarks/load.py --model CogVideoX-5b --folder /tmp/ckpt-5b --write-only   # only write the folder
+    python benchmarks/load.py --tiny --no-results                   # CPU smoke test: a few MB
 
 The checkpoint (random weights, the published keys and shapes, sharded with an index as the hub's are) is written
-once to ``--folder`` (kept) or a temporary folder (deleted). Its files are read once before timing, so every
-load finds them in the page cache. Each load runs in a fresh subprocess (imports done before the clock starts),
-alternating ours and the reference ``--repeats`` times:
+once to ``--folder`` (kept and reused: benchmarks/gpu.sh writes it in the background while the GPU tests run) or a
+temporary folder (deleted). It is written into ``FOLDER.partial`` and renamed when complete, so a folder with a
+``config.json`` is always whole; the values are a few million random numbers tiled over every tensor (what is
+timed is moving bytes, not their values), which makes writing as fast as the disk. Its files are read once before
+timing, so every load finds them in the page cache. Each load runs in a fresh subprocess (imports done before the
+clock starts), alternating ours and the reference ``--repeats`` times:
 
 - ours: ``Transformer.from_pretrained(folder, dtype=, device=)``;
 - reference: ``CogVideoXTransformer3DModel.from_pretrained(folder, torch_dtype=)`` then ``.to(device)``; with
@@ -17,12 +22,14 @@ When the file's dtype is the one asked for, both loaders may return weights stil
 files (nothing read yet), so after ``from_pretrained`` returns, the child reads one value per page of every weight
 ("first read") and the table gives both times. Peak host memory is the child's peak resident set (VmHWM, reset
 after the imports) up to the end of that read, minus its resident set before the load: what loading adds, weights
-included (mapped file pages count while mapped).
+included (mapped file pages count while mapped). On a GPU the table also gives the device's peak, allocated and
+reserved. ``--json PATH`` writes the headline figures (benchmarks/gpu.sh builds its summary from them).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -38,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import append_result, command_line, machine, markdown_table, today  # noqa: E402
+from benchmarks._common import append_result, command_line, machine, markdown_table, today, write_json  # noqa: E402
 from cogvideox.presets import TRANSFORMER_CONFIGS  # noqa: E402
 
 logger = logging.getLogger("load")
@@ -54,9 +61,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-size", default="2GB", help="largest shard written, e.g. 2GB, 5GB, 500MB")
     parser.add_argument("--folder", type=Path, help="checkpoint folder: reused if it has one, else written and kept")
     parser.add_argument("--repeats", type=int, default=2, help="loads per side (alternating)")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths, 2 blocks (smoke test of the script)")
+    parser.add_argument("--write-only", action="store_true", help="write the checkpoint to --folder and stop")
     parser.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--json", metavar="PATH", help="also write the headline figures to this JSON file")
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.write_only and args.folder is None:
+        parser.error("--write-only needs --folder")
+    return args
+
+
+def model_config(model_name: str, tiny: bool):
+    """The published transformer config, or (``tiny``) the same with tiny widths and 2 blocks."""
+    from cogvideox.presets import transformer_config
+
+    config = transformer_config(model_name)
+    if tiny:
+        config = dataclasses.replace(
+            config, num_layers=2, num_attention_heads=2, attention_head_dim=16, text_embed_dim=32, time_embed_dim=16
+        )
+    return config
 
 
 def parse_size(text: str) -> int:
@@ -70,16 +95,17 @@ def parse_size(text: str) -> int:
 
 
 @torch.no_grad()
-def write_checkpoint(model_name: str, folder: Path, dtype: torch.dtype, shard_bytes: int) -> None:
+def write_checkpoint(config, folder: Path, dtype: torch.dtype, shard_bytes: int) -> None:
     """config.json, shards ``diffusion_pytorch_model-0000k-of-0000n.safetensors`` and their index, holding random
-    weights with the published keys and shapes. Holds one shard in memory at a time."""
+    weights with the published keys and shapes. Holds one shard in memory at a time. Written into
+    ``folder.partial`` and renamed to ``folder`` at the end."""
     from safetensors.torch import save_file
 
     from cogvideox import Transformer
     from cogvideox.configs import config_to_dict
-    from cogvideox.presets import transformer_config
 
-    config = transformer_config(model_name)
+    final, folder = folder, folder.with_name(folder.name + ".partial")
+    shutil.rmtree(folder, ignore_errors=True)
     with torch.device("meta"):
         shapes = {k: (v.shape, v.dtype) for k, v in Transformer(config).state_dict().items()}
     groups, current, size = [], [], 0
@@ -94,13 +120,19 @@ def write_checkpoint(model_name: str, folder: Path, dtype: torch.dtype, shard_by
 
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
+    # 4M random values, tiled once over a buffer as long as the largest tensor; each tensor is one copy of a slice
+    # of it from a random offset (drawing 5.6 billion normals, or tiling per tensor, would take minutes).
+    pool = (torch.randn(1 << 22, generator=gen) * 0.02).to(dtype)
+    longest = max(shape.numel() for shape, _ in shapes.values()) + pool.numel()
+    source = pool.repeat(-(-longest // pool.numel()))
     weight_map, total = {}, 0
     for index, keys in enumerate(groups, start=1):
         name = f"{WEIGHTS}-{index:05d}-of-{len(groups):05d}.safetensors"
         shard = {}
         for key in keys:
             shape, _ = shapes[key]
-            shard[key] = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+            offset = int(torch.randint(pool.numel(), (1,), generator=gen))
+            shard[key] = source[offset : offset + shape.numel()].view(shape).clone()
             weight_map[key] = name
             total += shard[key].numel() * shard[key].element_size()
         save_file(shard, str(folder / name), metadata={"format": "pt"})
@@ -109,6 +141,8 @@ def write_checkpoint(model_name: str, folder: Path, dtype: torch.dtype, shard_by
     index_file = folder / f"{WEIGHTS}.safetensors.index.json"
     index_file.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (folder / "config.json").write_text(json.dumps(config_to_dict(config, CONFIG_CLASS), indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    folder.rename(final)
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -159,7 +193,10 @@ def child(args: argparse.Namespace) -> None:
         del diffusers
     if device.type == "cuda":
         torch.cuda.init()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) after the imports
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) after the imports
+    except OSError:  # some sandboxes refuse it: the peak then includes the imports (an overestimate)
+        logger.warning("could not reset the peak resident set: the host peak includes the imports")
     before = _status_kib("VmRSS")
     begin = time.perf_counter()
     model = load()
@@ -175,6 +212,7 @@ def child(args: argparse.Namespace) -> None:
         "host_peak": (_status_kib("VmHWM") - before) * 1024,
         "host_end": (_status_kib("VmRSS") - before) * 1024,
         "device_peak": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+        "device_reserved": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0,
         "weights": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
         "low_cpu_mem_usage": low_cpu_mem,
     }
@@ -201,33 +239,46 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     temporary = args.folder is None
-    folder = Path(tempfile.mkdtemp(prefix="cogvideox-load-")) if temporary else args.folder
+    folder = Path(tempfile.mkdtemp(prefix="cogvideox-load-")) / "transformer" if temporary else args.folder
+    record = {"item": "load", "model": args.model, "tiny": args.tiny, "dtype": args.dtype, "device": args.device}
     try:
         if not (folder / "config.json").exists():
             logger.info("writing a random %s checkpoint (%s) to %s", args.model, args.dtype, folder)
-            write_checkpoint(args.model, folder, getattr(torch, args.dtype), parse_size(args.shard_size))
+            begin = time.perf_counter()
+            write_checkpoint(model_config(args.model, args.tiny), folder, getattr(torch, args.dtype),
+                             parse_size(args.shard_size))  # fmt: skip
+            logger.info("written in %.1f s", time.perf_counter() - begin)
+        else:
+            logger.info("reusing the checkpoint in %s", folder)
+        if args.write_only:
+            return
         shards = sorted(folder.glob("*.safetensors"))
         largest = max(p.stat().st_size for p in shards)
+        record.update(shards=len(shards), largest_shard=largest)
         warm_page_cache(folder)
         runs = {"ours": [], "reference": []}
         for _ in range(args.repeats):
             for side in runs:
                 runs[side].append(run_child(side, args, folder))
                 logger.info("%s: %s", side, runs[side][-1])
+                record["runs"] = runs
+                write_json(args.json, record)
     finally:
         if temporary:
-            shutil.rmtree(folder, ignore_errors=True)
-    report(args, runs, len(shards), largest)
+            shutil.rmtree(folder.parent, ignore_errors=True)
+    report(args, runs, len(shards), largest, record)
 
 
-def report(args: argparse.Namespace, runs: dict, shard_count: int, largest: int) -> None:
+def report(args: argparse.Namespace, runs: dict, shard_count: int, largest: int, record: dict) -> None:
     gib = 2**30
     seconds = {side: statistics.median(r["seconds"] for r in results) for side, results in runs.items()}
     peak = {side: max(r["host_peak"] for r in results) for side, results in runs.items()}
     read = {side: statistics.median(r["seconds_read"] for r in results) for side, results in runs.items()}
+    record.update(seconds=seconds, seconds_read=read, host_peak=peak)
+    write_json(args.json, record)
     header = ["side", "load s", "ratio", "load + first read s", "ratio", "host peak GiB", "ratio", "host after GiB"]
     if args.device.startswith("cuda"):
-        header.append("device peak GiB")
+        header += ["device peak allocated GiB", "device peak reserved GiB"]
     rows = []
     for side, results in runs.items():
         row = [
@@ -242,11 +293,13 @@ def report(args: argparse.Namespace, runs: dict, shard_count: int, largest: int)
         ]
         if args.device.startswith("cuda"):
             row.append(f"{max(r['device_peak'] for r in results) / gib:.2f}")
+            row.append(f"{max(r.get('device_reserved', 0) for r in results) / gib:.2f}")
         rows.append(row)
     table = markdown_table(header, rows)
     weights = runs["ours"][0]["weights"]
+    what = f"{args.model} (tiny widths, 2 blocks)" if args.tiny else args.model
     facts = (
-        f"{args.model} transformer, {weights / gib:.2f} GiB of {args.dtype} weights in {shard_count} shards "
+        f"{what} transformer, {weights / gib:.2f} GiB of {args.dtype} weights in {shard_count} shards "
         f"(largest {largest / gib:.2f} GiB), loaded onto {args.device}; {args.repeats} loads per side, "
         "each in a fresh process, files in the page cache; load = from_pretrained until it returns, first read "
         "= one value per page of every weight after it; host peak = peak resident set (up to the end of the "

@@ -138,6 +138,7 @@ def worker(args: argparse.Namespace) -> None:
         "ulysses": ulysses, "cfg": cfg, "world": world, "median_s": statistics.median(times), "min_s": min(times),
         "tokens": tokens + args.text_len,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
         "machine": machine(device),
     }  # fmt: skip
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             result = launch(args, world, ulysses, cfg)
             if isinstance(result, str):
                 logger.info("%d processes, ulysses %d x cfg %d: failed (%s)", world, ulysses, cfg, result)
-                rows.append([str(world), str(ulysses), str(cfg), "failed", "-", "-", "-", result[:80]])
+                rows.append([str(world), str(ulysses), str(cfg), "failed", "-", "-", "-", "-", result[:80]])
                 continue
             host = result["machine"]
             base = base if base is not None else (result["median_s"] if world == 1 else None)
@@ -212,9 +213,11 @@ def main(argv: list[str] | None = None) -> None:
             rows.append([
                 str(world), str(ulysses), str(cfg), f"{result['median_s']:.3f}", f"{result['min_s']:.3f}", speedup,
                 f"{result['peak_gib']:.1f}" if result["peak_gib"] is not None else "-",
+                f"{result['reserved_gib']:.1f}" if result.get("reserved_gib") is not None else "-",
                 f"{result['vae_s']:.2f}" if "vae_s" in result else "-",
             ])  # fmt: skip
-    header = ["processes", "ulysses", "cfg", "median s/step", "min s", "speed-up", "peak GiB/rank", "VAE decode s"]
+    header = ["processes", "ulysses", "cfg", "median s/step", "min s", "speed-up", "peak allocated GiB/rank",
+              "peak reserved GiB/rank", "VAE decode s"]  # fmt: skip
     table = markdown_table(header, rows)
     facts = (
         f"{args.model}, {layers} of {config.num_layers} layers, {args.frames}x{args.height}x{args.width} "

@@ -12,8 +12,9 @@ reference, reference, ours), each block after a change of side led by an untimed
 On the CPU, ours runs its large float32 products through oneDNN (``use_onednn_linear_(ours)``, as the pipeline
 does; ``cogvideox.ops.linear``) and the reference through ``F.linear`` (MKL); ``--aten-linear`` skips that swap,
 so ours runs ``F.linear`` too, which isolates everything but the matrix products. Peak memory is what the step
-allocates on top of weights and inputs: ``torch.cuda.max_memory_allocated`` on a GPU, a live-tensor count
-(``LiveTensorBytes``) on the CPU.
+allocates on top of weights and inputs: ``torch.cuda.max_memory_allocated`` on a GPU (with
+``max_memory_reserved`` beside it, after emptying the allocator's cache), a live-tensor count (``LiveTensorBytes``)
+on the CPU. ``--json PATH`` writes the headline figures (benchmarks/gpu.sh builds its summary from them).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from benchmarks._common import (  # noqa: E402
     LiveTensorBytes,
     append_result,
     command_line,
+    cuda_peaks,
     fill_random_,
     machine,
     markdown_table,
     step_flops,
     today,
+    write_json,
 )
 from cogvideox import Transformer  # noqa: E402
 from cogvideox.ops.fp8 import weight_bytes  # noqa: E402
@@ -72,8 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both whole models (fullgraph)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick CPU smoke test)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the (slower, untimed) CPU memory pass")
     parser.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--json", metavar="PATH", help="also write the headline figures to this JSON file")
     args = parser.parse_args(argv)
     defaults = GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
     for key, value in defaults.items():
@@ -178,18 +185,21 @@ class Timer:
         return time.perf_counter() - begin
 
 
-def peak_bytes(fn, device: torch.device) -> int:
-    """Bytes the call allocates at its peak on top of what existed before."""
+def peak_bytes(fn, device: torch.device) -> tuple[int, int | None]:
+    """Bytes the call allocates at its peak on top of what existed before, and on a GPU the same for the memory
+    the caching allocator reserves (its cache emptied first, so the other side's blocks do not count)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+        before, before_reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        peaks = cuda_peaks(device)
+        return peaks["allocated"] - before, peaks["reserved"] - before_reserved
     with LiveTensorBytes() as meter:
         fn()
-    return meter.peak
+    return meter.peak, None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,8 +227,9 @@ def main(argv: list[str] | None = None) -> None:
 
     run_ours_model, run_ref_model = ours, ref
     if args.compile:
-        run_ours_model = torch.compile(ours, fullgraph=True, dynamic=False, mode=args.compile_mode)
-        run_ref_model = torch.compile(ref, fullgraph=True, dynamic=False, mode=args.compile_mode)
+        options = {"fullgraph": True, "dynamic": False, "mode": args.compile_mode, "backend": args.compile_backend}
+        run_ours_model = torch.compile(ours, **options)
+        run_ref_model = torch.compile(ref, **options)
     ofs_kwargs = {} if ofs is None else {"ofs": ofs}
 
     @torch.no_grad()
@@ -229,12 +240,28 @@ def main(argv: list[str] | None = None) -> None:
     def run_ref():
         return run_ref_model(latents, text, timestep, image_rotary_emb=ref_rotary, return_dict=False, **ofs_kwargs)[0]
 
+    record = {
+        "item": "compile" if args.compile else "step",
+        "model": args.model,
+        "layers": layers,
+        "tokens": tokens,
+        "video": f"{args.frames}x{args.height}x{args.width}",
+        "dtype": args.dtype,
+        "compiled": args.compile,
+        "device": str(device),
+    }
     timer = Timer(device)
     warm = {"ours": [], "reference": []}
+    write_json(args.json, record)
     for _ in range(args.warmup):
-        warm["ours"].append(timer(run_ours))
-        warm["reference"].append(timer(run_ref))
-    err = (run_ours().float() - run_ref().float()).abs().max().item() / run_ref().float().abs().max().item()
+        for side, fn in (("ours", run_ours), ("reference", run_ref)):
+            warm[side].append(timer(fn))
+            logger.info("%s: warm-up step %.2f s", side, warm[side][-1])
+            record["first_s"] = {k: values[0] for k, values in warm.items() if values}  # compiling, when compiled
+            write_json(args.json, record)
+    ref_out = run_ref().float()
+    err = (run_ours().float() - ref_out).abs().max().item() / ref_out.abs().max().item()
+    del ref_out
 
     times = {"ours": [], "reference": []}
     sides = {"ours": run_ours, "reference": run_ref}
@@ -250,15 +277,25 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(count):
             times[side].append(timer(sides[side]))
         previous = side if count else previous
-    memory = {}
-    # The CPU meter is a dispatch mode, which compiled code cannot run under: no CPU memory figure when compiled.
-    if device.type == "cuda" or not (args.no_memory or args.compile):
-        memory = {"ours": peak_bytes(run_ours, device), "reference": peak_bytes(run_ref, device)}
-
     linear, attn = step_flops(config.inner_dim, layers, tokens, batch=2)
     median = {k: statistics.median(v) for k, v in times.items()}
+    record.update(
+        ours_s=median["ours"], reference_s=median["reference"], ratio=median["ours"] / median["reference"], error=err
+    )
+    write_json(args.json, record)
+    logger.info("median step: ours %.3f s, reference %.3f s", median["ours"], median["reference"])
+    memory, reserved = {}, {}
+    # The CPU meter is a dispatch mode, which compiled code cannot run under: no CPU memory figure when compiled.
+    if device.type == "cuda" or not (args.no_memory or args.compile):
+        for side, fn in (("ours", run_ours), ("reference", run_ref)):
+            memory[side], reserved_bytes = peak_bytes(fn, device)
+            if reserved_bytes is not None:
+                reserved[side] = reserved_bytes
+        record.update(peak_bytes=memory, reserved_bytes=reserved)
+        write_json(args.json, record)
+
     weights = {"ours": weight_bytes(ours), "reference": weight_bytes(ref)}
-    header = ["side", "median s", "min s", "ratio", "TFLOP/s", "peak MiB", "weights MiB"]
+    header = ["side", "median s", "min s", "ratio", "TFLOP/s", "peak MiB", "reserved MiB", "weights MiB"]
     header += ["compile s"] if args.compile else []
     rows = []
     for side in ("ours", "reference"):
@@ -269,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{median[side] / median['reference']:.3f}",
             f"{(linear + attn) / median[side] / 1e12:.3f}",
             f"{memory[side] / 2**20:.0f}" if side in memory else "-",
+            f"{reserved[side] / 2**20:.0f}" if side in reserved else "-",
             f"{weights[side] / 2**20:.0f}",
         ]
         if args.compile:
@@ -278,11 +316,14 @@ def main(argv: list[str] | None = None) -> None:
     facts = (
         f"{args.model}, {layers} of {transformer_config(args.model).num_layers} layers, "
         f"{args.frames}x{args.height}x{args.width} ({tokens} tokens), batch 2, {args.dtype}, "
-        f"{'fused' if args.fuse_qkv else 'separate'} q/k/v, {'compiled' if args.compile else 'eager'}"
+        f"{'fused' if args.fuse_qkv else 'separate'} q/k/v, "
+        f"{f'compiled ({args.compile_backend})' if args.compile else 'eager'}"
         f"{', ours with fp8 weights' if args.fp8 else ''}"
         f"{', ours with F.linear (oneDNN off)' if args.aten_linear else ''}; "
         f"step = {(linear + attn) / 1e12:.3f} TFLOP ({attn / (linear + attn):.0%} attention); "
-        f"max |ours - ref| / max |ref| = {err:.1e}; {args.repeats} timed steps per side after {args.warmup} warm-up"
+        f"max |ours - ref| / max |ref| = {err:.1e}; {args.repeats} timed steps per side after {args.warmup} warm-up; "
+        "peak = allocated on top of weights and inputs (max_memory_allocated on a GPU, live tensors on the CPU), "
+        "reserved = the same for max_memory_reserved (GPU only)"
     )
     print(f"\n{facts}\n\n{table}\n")
     if args.no_results:

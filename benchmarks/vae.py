@@ -2,15 +2,18 @@
 
 The published VAE config with random weights decodes 13 latent frames (49 video frames). Each (implementation,
 mode) pair runs in its own subprocess, one after the other, so that one run's memory cannot inflate another's:
-- on a GPU: ``torch.cuda.max_memory_allocated`` (reset after a warm-up decode), and that peak minus what was
-  allocated before the decode (weights, latents);
+- on a GPU: ``torch.cuda.max_memory_allocated`` (reset after a warm-up decode), that peak minus what was
+  allocated before the decode (weights, latents), and ``torch.cuda.max_memory_reserved`` (what the caching
+  allocator held at its peak, the warm-up's cached blocks included: what has to fit);
 - on the CPU: the process's peak resident set (VmHWM, reset after loading via /proc/self/clear_refs), that peak
   minus the resident set before the decode, and the peak of live tensors allocated by the decode
   (``LiveTensorBytes``, the CPU stand-in for the CUDA figure; it ignores allocator caching and kernel scratch).
 Both implementations decode the same latents; the script prints their relative difference and appends the
-figures to benchmarks/RESULTS.md (section "VAE").
+figures to benchmarks/RESULTS.md (section "VAE"); ``--json PATH`` writes them to a JSON file after every run
+(benchmarks/gpu.sh builds its summary from it).
 
     python benchmarks/vae.py                         # CPU: reduced size (32x32 px, 2x2 tiles), ~3-4 minutes
+    python benchmarks/vae.py --tiny --latent-frames 3 --no-record   # CPU smoke test: 8-channel VAE, seconds
     python benchmarks/vae.py --device cuda           # GPU: 49 x 480 x 720 in bfloat16, tiles 240 x 360
 """
 
@@ -28,7 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import LiveTensorBytes, append_result, command_line, machine, markdown_table, today  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    LiveTensorBytes,
+    append_result,
+    command_line,
+    cuda_peaks,
+    machine,
+    markdown_table,
+    today,
+    write_json,
+)
 
 # CPU defaults: 13 latent frames at 32x32 pixels (4x4 latents) keeps all four runs at a few minutes on 2 cores.
 # Tiles of 24x24 pixels with 1/3 overlap give a consistent 2x2 tiling at that size (the reference's 1/6 and 1/5
@@ -117,18 +129,22 @@ def worker(args: argparse.Namespace) -> None:
     times, cpu_times, live_peak, out = [], [], 0, None
     for _ in range(args.repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
+        out = _decode(model, args.impl, z)
         if cuda:
-            out = _decode(model, args.impl, z)
             torch.cuda.synchronize()
-        else:
-            with LiveTensorBytes() as meter:  # a few microseconds per operator: negligible beside the convolutions
-                out = _decode(model, args.impl, z)
-            live_peak = max(live_peak, meter.peak)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)  # all threads: steadier than wall time on a busy host
+    if not cuda:
+        # The live-tensor meter in a decode of its own, untimed: its cost per operator (tens of microseconds) is
+        # not negligible at small sizes, and the two implementations run different numbers of operators.
+        with LiveTensorBytes() as meter:
+            _decode(model, args.impl, z)
+        live_peak = meter.peak
     if cuda:
-        peak = torch.cuda.max_memory_allocated()
-        result.update(meter="cuda max_memory_allocated", peak_mib=_mib(peak), above_mib=_mib(peak - before))
+        peaks = cuda_peaks(device)
+        peak = peaks["allocated"]
+        result.update(meter="cuda max_memory_allocated", peak_mib=_mib(peak), above_mib=_mib(peak - before),
+                      reserved_mib=_mib(peaks["reserved"]))  # fmt: skip
     else:
         peak = _proc_status_kib("VmHWM") * 1024
         meter = "peak RSS (VmHWM)" if reset_ok else "peak RSS (VmHWM, includes loading)"
@@ -138,12 +154,16 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def _make_weights(folder: Path, seed: int) -> None:
-    """The published config (diffusers defaults equal vae/config.json of 2B) with seeded random weights."""
+TINY = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
+
+
+def _make_weights(folder: Path, seed: int, tiny: bool = False) -> None:
+    """The published config (diffusers defaults equal vae/config.json of 2B) with seeded random weights; ``tiny``:
+    8 channels per level, one layer per block (a smoke test of the script)."""
     from diffusers import AutoencoderKLCogVideoX
 
     torch.manual_seed(seed)
-    AutoencoderKLCogVideoX().save_pretrained(folder)
+    AutoencoderKLCogVideoX(**(TINY if tiny else {})).save_pretrained(folder)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed decodes after the warm-up (best is kept)")
     parser.add_argument("--weights", default=None, help="a folder of saved random weights to reuse")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="an 8-channel VAE (smoke test of the script)")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to RESULTS.md")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -182,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(args.weights) if args.weights else Path(tmp) / "weights"
         if not args.weights:
-            _make_weights(weights, args.seed)
+            _make_weights(weights, args.seed, args.tiny)
         common = [
             "--device", args.device, "--dtype", args.dtype, "--height", str(args.height), "--width", str(args.width),
             "--latent-frames", str(args.latent_frames), "--repeats", str(args.repeats), "--weights", str(weights),
@@ -193,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         if None not in args.overlap:
             common += ["--overlap", *map(repr, args.overlap)]
         results = []
+        record = {"item": "vae", "tiny": args.tiny, "device": args.device, "dtype": args.dtype, "runs": results,
+                  "video": f"{args.latent_frames} latent frames, {args.height}x{args.width}"}  # fmt: skip
         for mode in args.modes.split(","):
             for impl in args.impls.split(","):
                 output = Path(tmp) / f"{impl}-{mode}.pt"
@@ -209,21 +233,29 @@ def main(argv: list[str] | None = None) -> None:
                 ]
                 done = subprocess.run(cmd + common, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
-                    raise RuntimeError(f"{impl} {mode} failed:\n{done.stderr[-3000:]}")
+                    # One failing run (out of memory, say) is reported; the others still run.
+                    print(f"{impl:5s} {mode:8s} FAILED (exit {done.returncode}):\n{done.stderr[-3000:]}", flush=True)
+                    record.setdefault("failed", []).append(f"{impl} {mode}: {done.stderr.strip()[-300:]}")
+                    write_json(args.json, record)
+                    continue
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 result["output"] = output
                 results.append(result)
+                write_json(args.json, record)
                 live = f"  live tensors {result['live_mib']:7.0f} MiB" if "live_mib" in result else ""
+                reserved = f"  reserved {result['reserved_mib']:7.0f} MiB" if "reserved_mib" in result else ""
                 print(
                     f"{impl:5s} {mode:8s} {result['time_s']:8.2f} s (CPU {result['cpu_s']:.1f} s)  "
-                    f"peak {result['peak_mib']:7.0f} MiB  "
+                    f"peak {result['peak_mib']:7.0f} MiB{reserved}  "
                     f"above pre-decode {result['above_mib']:7.0f} MiB{live}  ({result['meter']})",
                     flush=True,
                 )
-        _report(args, results)
+        if not results:
+            raise SystemExit("every run failed")
+        _report(args, results, record)
 
 
-def _report(args: argparse.Namespace, results: list[dict]) -> None:
+def _report(args: argparse.Namespace, results: list[dict], record: dict) -> None:
     """Print the table, the parity of the outputs, and append them to RESULTS.md."""
     by_key = {(r["impl"], r["mode"]): r for r in results}
     cuda = args.device.startswith("cuda")
@@ -236,16 +268,21 @@ def _report(args: argparse.Namespace, results: list[dict]) -> None:
         if ("ours", mode) in by_key and ("ref", mode) in by_key:
             ours = torch.load(by_key[("ours", mode)]["output"])
             ref = torch.load(by_key[("ref", mode)]["output"])
-            errors.append(f"{mode} max |ours - ref| / max |ref| = {((ours - ref).abs().max() / ref.abs().max()):.1e}")
+            error = ((ours - ref).abs().max() / ref.abs().max()).item()
+            record.setdefault("errors", {})[mode] = error
+            errors.append(f"{mode} max |ours - ref| / max |ref| = {error:.1e}")
+    write_json(args.json, record)
     shape = "x".join(map(str, results[0]["shape"]))
+    config = "Tiny (8-channel)" if args.tiny else "Published"
     facts = (
-        f"Published VAE config, random weights; decode of {args.latent_frames} latent frames to {shape} "
+        f"{config} VAE config, random weights; decode of {args.latent_frames} latent frames to {shape} "
         f"({args.height}x{args.width} px), {args.dtype}, batch 1; tiled: {tile}, {overlap}; "
         f"each run in its own process: one warm-up decode ('first s'), then the best of {args.repeats} timed; "
         + "; ".join(errors)
     )
     if cuda:
-        header = ["side", "mode", "time s", "ratio", "first s", "peak allocated MiB", "above weights+input MiB"]
+        header = ["side", "mode", "time s", "ratio", "first s", "peak allocated MiB", "above weights+input MiB",
+                  "peak reserved MiB"]  # fmt: skip
     else:
         header = ["side", "mode", "time s", "ratio", "CPU s", "ratio", "first s", "peak RSS MiB"]
         header += ["RSS above pre-decode MiB", "live tensors MiB"]
@@ -257,7 +294,8 @@ def _report(args: argparse.Namespace, results: list[dict]) -> None:
         if not cuda:
             row += [f"{r['cpu_s']:.1f}", f"{r['cpu_s'] / ref['cpu_s']:.2f}" if ref else "-"]
         row.append(f"{r['first_s']:.1f}")
-        row += [f"{r['peak_mib']:.0f}", f"{r['above_mib']:.0f}"] + ([] if cuda else [f"{r['live_mib']:.0f}"])
+        row += [f"{r['peak_mib']:.0f}", f"{r['above_mib']:.0f}"]
+        row += [f"{r['reserved_mib']:.0f}"] if cuda else [f"{r['live_mib']:.0f}"]
         rows.append(row)
     entry = f"### {today()}: {machine(torch.device(args.device))}\n\n`{command_line()}`\n\n{facts}.\n\n"
     entry += markdown_table(header, rows) + "\n"
