@@ -293,6 +293,20 @@ def measure(
     return result, frames
 
 
+def _seeded_call(pipeline, args: argparse.Namespace):
+    """(steps, output_type, callback) -> frames of one seeded, guided call of ``pipeline`` (ours or diffusers': they
+    take the same arguments) at the benchmark's size."""
+    size = {"num_frames": args.frames, "height": args.height, "width": args.width, "guidance_scale": 6.0}
+
+    def call(steps, output_type, callback):
+        return pipeline(
+            PROMPT, num_inference_steps=steps, output_type=output_type, generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=callback, **size,
+        ).frames  # fmt: skip
+
+    return call
+
+
 def run_ours(pipe: Pipeline, mode: str, args: argparse.Namespace, device: torch.device, *, first: bool):
     pipe.disable_cpu_offload()
     if mode != "none":  # "none" moves to the device whatever is not there yet (all of it, when built there)
@@ -302,16 +316,8 @@ def run_ours(pipe: Pipeline, mode: str, args: argparse.Namespace, device: torch.
     size = CallSize(1, args.frames, args.height, args.width, text_length=pipe.transformer.config.max_text_seq_length)
     predicted = plan_memory(pipe.text_encoder, pipe.transformer, pipe.vae, size, None,
                             memory=plan.mode if plan is not None else "none")  # fmt: skip
-    call_kwargs = {"num_frames": args.frames, "height": args.height, "width": args.width, "guidance_scale": 6.0}
-
-    def call(steps, output_type, callback):
-        return pipe(
-            PROMPT, num_inference_steps=steps, output_type=output_type, generator=torch.Generator().manual_seed(0),
-            callback_on_step_end=callback, **call_kwargs,
-        ).frames  # fmt: skip
-
     try:
-        result, frames = measure(call, args, device, first=first)
+        result, frames = measure(_seeded_call(pipe, args), args, device, first=first)
     finally:
         pipe.disable_cpu_offload()
         _to_host_all(pipe)
@@ -330,16 +336,8 @@ def run_reference(ref, mode: str, args: argparse.Namespace, device: torch.device
     else:
         ref.enable_sequential_cpu_offload(device=device)
         how = "enable_sequential_cpu_offload()"
-    call_kwargs = {"num_frames": args.frames, "height": args.height, "width": args.width, "guidance_scale": 6.0}
-
-    def call(steps, output_type, callback):
-        return ref(
-            PROMPT, num_inference_steps=steps, output_type=output_type, generator=torch.Generator().manual_seed(0),
-            callback_on_step_end=callback, **call_kwargs,
-        ).frames  # fmt: skip
-
     try:
-        result, frames = measure(call, args, device, first=first)
+        result, frames = measure(_seeded_call(ref, args), args, device, first=first)
     finally:
         _release_reference(ref)
     result["plan"] = how
