@@ -163,7 +163,7 @@ else
     E2E=(benchmarks/e2e.py "${DEV[@]}" --model CogVideoX-5b --steps "$STEPS" --modes none,model,sequential)
     VAE=(benchmarks/vae.py "${DEV[@]}" --repeats 1)
     LOAD=(benchmarks/load.py "${DEV[@]}" --model CogVideoX-5b --shard-size 5GB --repeats 1)
-    LIMITS=(gputests=90 step=60 e2e=190 vae=90 load=50 compile=240)
+    LIMITS=(gputests=150 step=60 e2e=190 vae=90 load=50 compile=240)
 fi
 LIMITS+=("${EXTRA_LIMITS[@]}")  # --limit NAME=S: the last pair for a name wins
 LOAD+=(--folder "$CKPT")

@@ -196,7 +196,7 @@ class BlockStreamer:
             for i, slot in enumerate(slots):
                 _set_data(*slot, buffer.fill(i, _get(*slot).data))  # the original is freed here, one at a time
             if self.transfers.is_cuda:
-                buffer.lock()
+                buffer.lock(self.transfers.device)
             self._slots.append(slots)
             self._host.append(buffer)
         self._ring: list[torch.Tensor] | None = None
@@ -241,6 +241,11 @@ class BlockStreamer:
         if self._ring is None:
             size = max(buffer.nbytes for buffer in self._host)
             self._ring = [page_aligned_bytes(size, self.transfers.device) for _ in range(RING)]
+            if self.transfers.is_cuda:
+                for buffer in self._ring:
+                    # Written on the copy stream: if the ring is ever freed without drop_all() (the streamer
+                    # dropped mid-call), the allocator then waits for the copies queued so far before reusing it.
+                    buffer.record_stream(self.transfers.stream)
             # The allocator may hand out memory that kernels queued on the compute stream still use: the first copy
             # into each buffer waits for them.
             self._free_after = [self.transfers.mark()] * RING
@@ -272,6 +277,8 @@ class BlockStreamer:
         self._copy(index, ring)
 
     def _install(self, index: int) -> None:
+        if index in self._resident:  # left installed by a forward that raised: its weights are there
+            return
         self.prefetch(index)
         ring = self._where[index]
         event, versions = self._pending.pop(index)
@@ -282,8 +289,14 @@ class BlockStreamer:
             self._copy(index, ring)
             event, _ = self._pending.pop(index)
         self.transfers.wait(event)
+        device = self._ring[ring]
+        if torch.is_grad_enabled():
+            # Autograd may save views of the weights for the backward pass (W^T for the input's gradient, even with
+            # frozen weights), which the ring's next copies would overwrite: under grad the block computes with a
+            # copy of its own, kept alive as long as the graph needs it (one device-to-device copy).
+            device = device[: self._host[index].nbytes].clone()
         for slot, entry in zip(self._slots[index], self._host[index].layout, strict=True):
-            _set_data(*slot, view_in(self._ring[ring], entry))
+            _set_data(*slot, view_in(device, entry))
         self._resident.add(index)
 
     def drop(self, index: int) -> None:
@@ -421,7 +434,7 @@ class ComponentOffload:
                 for slot in group:
                     _set_data(*slot, view)
             if self.transfers.is_cuda:
-                buffer.lock()
+                buffer.lock(self.device)
             kept.append(buffer)
         self._buffers[name] = kept
 

@@ -6,7 +6,7 @@ obvious way to get it, and the wrong one for weights: PyTorch's caching host all
 a power of two (``CachingHostAllocator.h``, "Round up the allocation to the nearest power of two"), so pinning
 each weight on its own costs about 1.6x the weights (5B transformer in bf16: 10.4 GiB of weights, 18.4 GiB
 pinned; T5-XXL: 8.9 -> 12.3 GiB). Here the tensors of one block (sequential offload) or one component (model
-offload) are copied into one flat byte buffer that is page-locked in place with ``cudaHostRegister``, and views
+offload) are copied into one flat byte buffer that is page-locked in place (``cuMemHostRegister``), and views
 of it replace the tensors: the cost is the weights plus alignment padding (under 256 bytes a tensor and one page
 a buffer), and one copy moves a whole block.
 
@@ -16,7 +16,10 @@ the layout the GPU path uses.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import sys
 import weakref
 from collections.abc import Sequence
 
@@ -64,11 +67,34 @@ def page_aligned_bytes(nbytes: int, device: torch.device | str = "cpu") -> torch
     return raw[start : start + nbytes]
 
 
-def _unregister(ptr: int) -> None:
+# cuMemHostRegister flag: the pages count as pinned in every CUDA context (each GPU), not only the current one.
+_PORTABLE = 0x01
+
+
+@functools.cache
+def _cuda_driver() -> ctypes.CDLL | None:
+    """The CUDA driver library, or None where it cannot be loaded.
+
+    Registration goes through the driver API rather than ``torch.cuda.cudart().cudaHostRegister``: that binding
+    returns the runtime's error code but leaves it set as the thread's "last error", and the next kernel launch
+    check then raises it as its own failure (vllm-project/vllm#50070), so a refused registration would crash an
+    unrelated kernel instead of falling back. Driver calls leave the runtime's error state alone."""
     try:
-        # A copy may still be reading the buffer (queued, not yet run): let it finish before the pages unlock.
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaHostUnregister(ptr)
+        driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return None
+    driver.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    driver.cuMemHostRegister_v2.restype = ctypes.c_int
+    driver.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+    driver.cuMemHostUnregister.restype = ctypes.c_int
+    return driver
+
+
+def _unregister(ptr: int, device: torch.device) -> None:
+    try:
+        # A copy to ``device`` may still be reading the buffer (queued, not yet run): let it finish first.
+        torch.cuda.synchronize(device)
+        _cuda_driver().cuMemHostUnregister(ptr)
     except Exception:  # interpreter shutdown, CUDA already torn down: nothing left to unlock
         pass
 
@@ -76,26 +102,33 @@ def _unregister(ptr: int) -> None:
 _warned_register = False
 
 
-def page_lock(flat: torch.Tensor) -> bool:
-    """Page-lock host buffer ``flat`` in place for as long as the object ``flat`` lives. False (with one warning
-    per process) when CUDA refuses (e.g. a locked-memory limit): the copies then go through a staging buffer,
-    slower but equal."""
+def page_lock(flat: torch.Tensor, device: torch.device | str) -> bool:
+    """Page-lock host buffer ``flat`` in place, for copies to CUDA ``device``, for as long as the object ``flat``
+    lives. False (with one warning per process) when the driver refuses (a locked-memory limit, say) or cannot be
+    loaded: the copies then go through a staging buffer, slower but equal."""
     global _warned_register
-    if flat.numel() == 0 or flat.is_pinned():
-        return flat.is_pinned()
-    error = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0)
-    if int(error) != 0:
+    if flat.numel() == 0:
+        return False
+    device = torch.device(device)
+    driver = _cuda_driver()
+    # A runtime call on ``device`` first: it makes the device's primary context current on this thread, which the
+    # driver call below registers with.
+    torch.cuda.synchronize(device)
+    error = -1 if driver is None else driver.cuMemHostRegister_v2(flat.data_ptr(), flat.numel(), _PORTABLE)
+    if error != 0:
         if not _warned_register:
             _warned_register = True
             logger.warning(
-                "could not page-lock %d MiB of host memory for offload (cudaHostRegister error %d; a locked-memory "
-                "limit, `ulimit -l`?): the weights stay in pageable memory and each copy to the GPU is slower",
-                flat.numel() >> 20, int(error),
+                "could not page-lock %d MiB of host memory for offload (%s): the weights stay in pageable memory "
+                "and each copy to the GPU is slower",
+                flat.numel() >> 20,
+                "the CUDA driver library could not be loaded" if driver is None
+                else f"cuMemHostRegister error {error}; a locked-memory limit, `ulimit -l`?",
             )  # fmt: skip
         return False
     # Unlocked when ``flat`` is collected. Views of it may outlive the object, but never the storage: at worst
     # they end up in ordinary pageable memory, which is still correct.
-    weakref.finalize(flat, _unregister, flat.data_ptr())
+    weakref.finalize(flat, _unregister, flat.data_ptr(), device)
     return True
 
 
@@ -120,9 +153,10 @@ class HostBuffer:
             view.copy_(tensor)
         return view
 
-    def lock(self) -> bool:
-        """Page-lock the buffer (after filling: locking commits every page). Returns whether it is locked."""
-        self.pinned = page_lock(self.flat)
+    def lock(self, device: torch.device | str) -> bool:
+        """Page-lock the buffer for copies to CUDA ``device`` (after filling: locking commits every page).
+        Returns whether it is locked."""
+        self.pinned = page_lock(self.flat, device)
         return self.pinned
 
     @property

@@ -509,27 +509,31 @@ class Pipeline(PipelineSwitches):
                 self.step_cache.begin_call(timesteps.tolist(), req.guided)
             if self.parallel is not None:  # every rank draws the same numbers (DPM noise too)
                 generator = self.parallel.generator(generator)
-            positive, negative = self.encode_prompt(
-                req.prompts, negative_prompt, do_classifier_free_guidance=req.guided, prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=req.max_sequence_length,
-            )  # fmt: skip
-            # Videos per prompt are adjacent: [p0, p0, p1, p1] (the reference forces num_videos_per_prompt to 1).
-            per_prompt = req.batch // req.num_prompts
-            positive = positive.repeat_interleave(per_prompt, dim=0)
-            negative = None if negative is None else negative.repeat_interleave(per_prompt, dim=0)
-            latents, condition = self.prepare_latents(req, timesteps, generator, latents)
-            embeds = torch.cat([negative, positive]) if req.guided else positive
-            if self.parallel is not None:
-                latents, condition, embeds = self.parallel.same_on_every_rank(latents, condition, embeds)
-
-            self._interrupt = False
-            quiet = {} if self.parallel is None or self.parallel.is_main else {"disable": True}
-            progress = tqdm(total=len(timesteps), **{"desc": "denoising", **self.progress_bar_config, **quiet})
-            callback = None
-            if callback_on_step_end is not None:
-                callback = diffusers_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, negative)
             previous_riflex = getattr(self.transformer, "riflex", None)
+            progress = None
+            # From the first component's forward on, a failure (out of memory while T5 encodes, say) must still send
+            # the components back to the host: an offload's hooks left half-way would break the next call.
             try:
+                positive, negative = self.encode_prompt(
+                    req.prompts, negative_prompt, do_classifier_free_guidance=req.guided, prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=req.max_sequence_length,
+                )  # fmt: skip
+                # Videos per prompt are adjacent: [p0, p0, p1, p1] (the reference forces num_videos_per_prompt to 1).
+                per_prompt = req.batch // req.num_prompts
+                positive = positive.repeat_interleave(per_prompt, dim=0)
+                negative = None if negative is None else negative.repeat_interleave(per_prompt, dim=0)
+                latents, condition = self.prepare_latents(req, timesteps, generator, latents)
+                embeds = torch.cat([negative, positive]) if req.guided else positive
+                if self.parallel is not None:
+                    latents, condition, embeds = self.parallel.same_on_every_rank(latents, condition, embeds)
+
+                self._interrupt = False
+                quiet = {} if self.parallel is None or self.parallel.is_main else {"disable": True}
+                progress = tqdm(total=len(timesteps), **{"desc": "denoising", **self.progress_bar_config, **quiet})
+                callback = None
+                if callback_on_step_end is not None:
+                    callback = diffusers_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                                  negative)  # fmt: skip
                 if riflex_setting is not None:
                     self.transformer.set_riflex(riflex_setting)
                 latents = denoise(
@@ -545,7 +549,8 @@ class Pipeline(PipelineSwitches):
             finally:
                 if riflex_setting is not None:
                     self.transformer.set_riflex(previous_riflex)
-                progress.close()
+                if progress is not None:
+                    progress.close()
                 if self.step_cache is not None:
                     self.step_cache.end_call()
                 self.memory.release()  # components go back to the host even when a step fails
@@ -706,7 +711,7 @@ _LOADERS = {"transformer": Transformer, "vae": VAE, "text_encoder": T5Encoder}
 
 def _where_to_load(
     root: Path,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     memory: str | None,
     device: torch.device,
     given: dict[str, Any],
@@ -725,7 +730,7 @@ def _where_to_load(
     host = torch.device("cpu")
     if memory is None:
         return dict.fromkeys(_LOADERS, device)
-    if device.type != "cuda":
+    if device.type != "cuda" or dtype is None:  # None: the files' dtypes, which the configs do not give
         return dict.fromkeys(_LOADERS, host)
     from .memory import free_device_bytes
     from .memory_plan import MODES, default_call_size, plan_memory

@@ -201,7 +201,9 @@ def _register_op(backend: str) -> Callable[..., torch.Tensor]:
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         # The kernel is looked up per call, so re-selecting the backend (a reinstalled package, a test's fake)
         # takes effect without registering the op again. contiguous(): the fake below promises that layout.
-        return _kernels[backend](q, k, v, scale).contiguous()
+        # The device guard: a kernel launched by a package (Triton's, say) goes to q's GPU, not the current one.
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            return _kernels[backend](q, k, v, scale).contiguous()
 
     # An explicit schema: this module's annotations are strings (from __future__), which inference does not read.
     op = torch.library.custom_op(

@@ -334,7 +334,7 @@ class T5Encoder(nn.Module):
             )
         # copy=True: a copy even when the table is on ``device`` already (4 KiB for T5-XXL), so that the CPU tests,
         # where the offload "device" is the host too, see the same data flow as CUDA (tests/unit/test_streaming.py).
-        bias = F.embedding(self._bucket_cache[key], weight.to(device, copy=True))
+        bias = F.embedding(self._bucket_cache[key], weight.to(device, non_blocking=True, copy=True))
         return bias.permute(2, 0, 1).unsqueeze(0).contiguous()
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:

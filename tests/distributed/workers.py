@@ -125,8 +125,9 @@ def _call_kwargs(case: dict) -> dict:
 
 class MaskFreeKernel:
     """An attention backend, registered as ``"refuse_mask"``, that raises on any mask (the "flash" and "sage"
-    kernels take none: they would fall back to SDPA with a warning) and otherwise runs SDPA; counts its calls. The text encoder falls back to SDPA for backends without bias support,
-    so only the transformer's attention reaches it."""
+    kernels take none: they would fall back to SDPA with a warning) and otherwise runs SDPA; counts its calls.
+    The text encoder falls back to SDPA for backends without bias support, so only the transformer's attention
+    reaches it."""
 
     NAME = "refuse_mask"
 

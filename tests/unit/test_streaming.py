@@ -211,3 +211,71 @@ def test_offloaded_component_pins_its_weights_within_two_percent():
     offload.offload_all()
     weights += 1920 * 1921 * 2
     assert weights <= offload.host_bytes("transformer") <= 1.02 * weights
+
+
+# ------------------------------------------------------------------------------------------------ autograd, failures
+
+
+def test_gradients_through_streamed_blocks_equal_the_plain_ones():
+    """Autograd saves views of the weights (W^T for the input's gradient, frozen weights too): under grad a block
+    computes with a copy of its own, so the ring's later copies cannot overwrite what the backward pass reads."""
+    torch.manual_seed(0)
+    plain = Stack(4)
+    for p in plain.parameters():
+        nn.init.normal_(p, std=0.5)  # large weights: a block computed with another block's weights shows
+    streamed = Stack(4)
+    streamed.load_state_dict(plain.state_dict())
+    BlockStreamer(streamed.blocks, "cpu")
+    x = torch.randn(3, 16)
+    grads = []
+    for model in (plain, streamed):
+        xi = x.clone().requires_grad_(True)
+        model(xi).square().sum().backward()
+        grads.append([xi.grad, *(p.grad for p in model.parameters())])
+    for ours, expected in zip(grads[1], grads[0], strict=True):
+        assert torch.equal(ours, expected)
+
+
+def test_a_failure_inside_sequential_offload_leaves_the_next_call_working(monkeypatch):
+    """Out of memory (say) while T5's first block runs under sequential offload: the call fails, the components go
+    back to the host, and the next call gives the frames of a pipeline that never failed."""
+    pipe = Pipeline.from_pretrained()
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_inference_steps": 2, "output_type": "pt"}
+    expected = pipe("a red circle moves to the right", generator=torch.Generator().manual_seed(0), **call).frames
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    block = pipe.text_encoder.offload_blocks()[0]
+    failing = block.forward
+
+    def out_of_memory(*args, **kwargs):
+        block.forward = failing  # once
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    block.forward = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        pipe("a red circle moves to the right", generator=torch.Generator().manual_seed(0), **call)
+    assert pipe.memory._offload.active is None  # everything back on the host
+    frames = pipe("a red circle moves to the right", generator=torch.Generator().manual_seed(0), **call).frames
+    assert torch.equal(frames, expected)
+
+
+def test_a_block_that_raised_stays_usable_without_a_release():
+    """A block's forward raised (the after-hook never ran, so it stays installed) and nobody released the
+    streamer: the next forward installs nothing twice and computes as before."""
+    model = Stack(3)
+    x = torch.randn(2, 16)
+    expected = model(x)
+    streamer = BlockStreamer(model.blocks, "cpu")
+    block = model.blocks[0]
+    failing = block.forward
+
+    def fail_once(*args, **kwargs):
+        block.forward = failing
+        raise RuntimeError("simulated")
+
+    block.forward = fail_once
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="simulated"):
+            model(x)
+        assert 0 in streamer.resident
+        assert torch.equal(model(x), expected)
