@@ -119,9 +119,9 @@ def page_lock(flat: torch.Tensor, device: torch.device | str) -> bool:
         if not _warned_register:
             _warned_register = True
             logger.warning(
-                "could not page-lock %d MiB of host memory for offload (%s): the weights stay in pageable memory "
+                "could not page-lock %.1f MiB of host memory for offload (%s): the weights stay in pageable memory "
                 "and each copy to the GPU is slower",
-                flat.numel() >> 20,
+                flat.numel() / 2**20,
                 "the CUDA driver library could not be loaded" if driver is None
                 else f"cuMemHostRegister error {error}; a locked-memory limit, `ulimit -l`?",
             )  # fmt: skip

@@ -279,3 +279,44 @@ def test_a_block_that_raised_stays_usable_without_a_release():
             model(x)
         assert 0 in streamer.resident
         assert torch.equal(model(x), expected)
+
+
+def test_page_locking_goes_through_the_driver_and_a_refusal_falls_back(monkeypatch, caplog):
+    """Registration is a driver call (portable flag) made after a runtime call on the device; a refusal leaves
+    the buffer pageable with one warning (torch's cudaHostRegister binding would leave the error pending for the
+    next kernel to raise); a locked buffer is unlocked, after synchronising its device, when it is collected."""
+    import gc
+
+    import cogvideox.pinned as pinned
+
+    calls = []
+
+    class Driver:
+        answer = 0
+
+        def cuMemHostRegister_v2(self, ptr, size, flags):
+            calls.append(("register", size, flags))
+            return self.answer
+
+        def cuMemHostUnregister(self, ptr):
+            calls.append(("unregister",))
+            return 0
+
+    driver = Driver()
+    monkeypatch.setattr(pinned, "_cuda_driver", lambda: driver)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", str(device))))
+    monkeypatch.setattr(pinned, "_warned_register", False)
+    buffer = pinned.HostBuffer([(torch.float32, torch.Size([1000]))])
+    assert buffer.lock("cuda:1") and buffer.pinned
+    assert calls == [("synchronize", "cuda:1"), ("register", 4096, 0x01)]
+    del buffer
+    gc.collect()
+    assert calls[2:] == [("synchronize", "cuda:1"), ("unregister",)]
+    driver.answer = 2  # CUDA_ERROR_OUT_OF_MEMORY
+    with caplog.at_level("WARNING", logger="cogvideox.pinned"):
+        refused = [pinned.HostBuffer([(torch.uint8, torch.Size([10]))]) for _ in range(2)]
+        assert [b.lock("cuda") for b in refused] == [False, False]
+    assert [r.message for r in caplog.records] == [
+        "could not page-lock 0.0 MiB of host memory for offload (cuMemHostRegister error 2; a locked-memory limit, "
+        "`ulimit -l`?): the weights stay in pageable memory and each copy to the GPU is slower"
+    ]
